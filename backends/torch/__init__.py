@@ -1,0 +1,5 @@
+"""PyTorch backend (CPU, CUDA, MPS; fp32/fp16/bf16)."""
+
+from .engine import TorchEngine
+
+__all__ = ["TorchEngine"]

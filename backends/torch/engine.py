@@ -1,0 +1,153 @@
+"""TorchEngine: the Engine interface on PyTorch (static KV cache, fused projections, SDPA)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minimind_core.checkpoint import Checkpoint, load_checkpoint
+from minimind_core.engine import Engine
+from minimind_core.params import SamplingParams
+from minimind_core.tokenizer import Tokenizer, find_tokenizer
+
+from .cache import KVCache
+from .model import MiniMindForCausalLM
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16}
+CACHE_STEP = 256  # cache lengths are rounded up to this, so one cache serves many requests
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Auto: cuda, then mps, then cpu."""
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA GPU; use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' asked for, but it is not available here; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """Auto: bf16 on CUDA when supported else fp16; fp16 on MPS; fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device.type == "mps" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from float32, float16, bfloat16")
+    return DTYPES[dtype]
+
+
+class TorchEngine(Engine):
+    """MiniMind on PyTorch. Build with ``minimind_core.load(path, backend="torch")``."""
+
+    backend = "torch"
+
+    def __init__(self, model: MiniMindForCausalLM, tokenizer: Tokenizer, *, name: str = "minimind",
+                 info: dict[str, Any] | None = None) -> None:
+        super().__init__(model.config, tokenizer, name=name, info=info)
+        self.model = model
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.cache: KVCache | None = None
+
+    @classmethod
+    def load(cls, path: str | Path, *, device=None, dtype=None, tokenizer=None, lora=None,
+             merge_lora: bool = False, **overrides: Any) -> TorchEngine:
+        """Read a checkpoint (any supported form), find its tokenizer and build the engine."""
+        ckpt = load_checkpoint(path, **overrides)
+        tok = find_tokenizer(ckpt.path, tokenizer)
+        engine = cls.from_checkpoint(ckpt, tok, device=device, dtype=dtype)
+        if lora is not None:
+            engine.set_lora(lora, merge=merge_lora)
+        return engine
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, tokenizer: Tokenizer, *, device=None,
+                        dtype=None) -> TorchEngine:
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        model = build_model(ckpt, dev, dt)
+        info = {"path": str(ckpt.path), "file_dtype": ckpt.file_dtype, "device": str(dev),
+                "dtype": str(dt).removeprefix("torch."), "tokenizer": str(tokenizer.path)}
+        return cls(model, tokenizer, name=Path(ckpt.path).stem, info=info)
+
+    def set_lora(self, lora: Any, merge: bool = False) -> None:
+        """Apply (or with None remove) a LoRA adapter; implemented in backends.torch.lora."""
+        from .lora import set_lora
+
+        set_lora(self, lora, merge=merge)
+
+    # ---- backend steps ------------------------------------------------------------------
+    def _ensure_cache(self, batch: int, length: int) -> KVCache:
+        length = min(-(-length // CACHE_STEP) * CACHE_STEP, self.config.max_position_embeddings)
+        if self.cache is None or not self.cache.fits(batch, length, self.dtype):
+            c = self.config
+            self.cache = None  # free the old one first
+            self.cache = KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, length,
+                                 c.head_dim, self.dtype, self.device)
+        return self.cache
+
+    @torch.inference_mode()
+    def _prefill(self, prompts: list[list[int]], max_len: int) -> torch.Tensor:
+        longest = max(map(len, prompts))
+        cache = self._ensure_cache(len(prompts), max_len)
+        pad_id = self.config.pad_token_id
+        ids = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts],
+                           dtype=torch.long, device=self.device)
+        pad = torch.tensor([longest - len(p) for p in prompts], dtype=torch.long, device=self.device)
+        cache.reset(pad)
+        logits = self.model(ids, cache, 0, last_only=True)
+        cache.length = longest
+        return logits[:, -1]
+
+    @torch.inference_mode()
+    def _decode(self, tokens: np.ndarray) -> torch.Tensor:
+        cache = self.cache
+        ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=self.device)[:, None]
+        logits = self.model(ids, cache, cache.length)
+        cache.length += 1
+        return logits[:, -1]
+
+    @torch.inference_mode()
+    def _logits(self, ids: list[int]) -> np.ndarray:
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        return self.model(x)[0].float().cpu().numpy()
+
+    def _to_numpy(self, logits: torch.Tensor) -> np.ndarray:
+        return logits.float().cpu().numpy()
+
+    def _sample(self, logits, params: SamplingParams, histories, rng) -> np.ndarray:
+        if params.greedy and params.repetition_penalty == 1.0:  # argmax on the device
+            return logits.argmax(dim=-1).cpu().numpy()
+        return super()._sample(logits, params, histories, rng)
+
+
+def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> MiniMindForCausalLM:
+    """Instantiate the network on the meta device and assign the checkpoint's tensors."""
+    with torch.device("meta"):
+        model = MiniMindForCausalLM(ckpt.config)
+    state = {k: torch.tensor(np.asarray(v)).to(device=device, dtype=dtype)
+             for k, v in ckpt.weights.items()}
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.lm_head.weight = model.model.embed_tokens.weight  # keep the tie after assign
+    model.eval().requires_grad_(False)
+    model.fuse()
+    return model

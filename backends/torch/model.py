@@ -1,0 +1,246 @@
+"""The MiniMind network in PyTorch: MiniMind2 and MiniMind-3, dense and both MoE kinds.
+
+Module and parameter names are the checkpoint's (``model.layers.0.self_attn.q_proj.weight`` …),
+so a state dict loads as it is. ``fuse()`` packs q/k/v and gate/up into single matrices for speed
+and turns the original parameters into views of them, so names and storage stay shared.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minimind_core.config import ModelConfig
+from minimind_core.rope import rope_cos_sin
+
+from .cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, weight_in_fp32: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight_in_fp32 = eps, weight_in_fp32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_in_fp32:  # MiniMind-3: (w * x.float() * rsqrt).type_as(x)
+            return (self.weight * normed).type_as(x)
+        return self.weight * normed.type_as(x)  # MiniMind2: w * (...).type_as(x)
+
+
+def _linear(d_in: int, d_out: int) -> nn.Linear:
+    return nn.Linear(d_in, d_out, bias=False)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer, self.heads, self.kv_heads = layer, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_proj = _linear(cfg.hidden_size, self.heads * self.head_dim)
+        self.k_proj = _linear(cfg.hidden_size, self.kv_heads * self.head_dim)
+        self.v_proj = _linear(cfg.hidden_size, self.kv_heads * self.head_dim)
+        self.o_proj = _linear(self.heads * self.head_dim, cfg.hidden_size)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.norm_weight_in_fp32)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.norm_weight_in_fp32)
+        self.qk_norm = cfg.qk_norm
+        self.wqkv: torch.Tensor | None = None
+        self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (A, B), unmerged
+
+    def _project(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        y = F.linear(x, getattr(self, name).weight)
+        return self._add_lora(x, y, name)
+
+    def _add_lora(self, x: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
+        if name in self.lora:  # y = W x + B (A x): upstream's LoRA, no scaling
+            a, b = self.lora[name]
+            y = y + F.linear(F.linear(x, a), b)
+        return y
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None, start: int, mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        if self.wqkv is not None:
+            q, k, v = F.linear(x, self.wqkv).split(
+                [self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                 self.kv_heads * self.head_dim], dim=-1)
+            q = self._add_lora(x, q, "q_proj")
+        else:
+            q, k, v = (self._project(x, n) for n in ("q_proj", "k_proj", "v_proj"))
+        q = q.view(b, t, self.heads, self.head_dim)
+        k = k.view(b, t, self.kv_heads, self.head_dim)
+        v = v.view(b, t, self.kv_heads, self.head_dim)
+        if self.qk_norm:  # per-head RMSNorm before RoPE (MiniMind-3)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = (q * cos + rotate_half(q) * sin).transpose(1, 2)
+        k = (k * cos + rotate_half(k) * sin).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer, start, k, v)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1 and start == 0,
+                                                 enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
+        return self._project(out, "o_proj")
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, ffn: int) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj = _linear(hidden, ffn), _linear(hidden, ffn)
+        self.down_proj = _linear(ffn, hidden)
+        self.w13: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+        else:
+            gate, up = F.linear(x, self.gate_proj.weight), F.linear(x, self.up_proj.weight)
+        return F.linear(F.silu(gate) * up, self.down_proj.weight)
+
+
+class MoE(nn.Module):
+    """Routed experts (+ MiniMind2's shared experts). ``p = softmax(x Wg^T)``, top-k, renormalise."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.top_k, self.renorm = cfg.num_experts_per_tok, cfg.renormalize_topk
+        self.gate = _linear(cfg.hidden_size, cfg.num_experts)
+        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.intermediate_size)
+                                     for _ in range(cfg.num_experts))
+        self.shared_experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.intermediate_size)
+                                            for _ in range(cfg.n_shared_experts))
+        self.dense_routing = False  # all experts, masked: static shapes for CUDA graphs
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.linear(x, self.gate.weight).float().softmax(dim=-1)
+        weights, idx = torch.topk(probs, self.top_k, dim=-1)
+        if self.renorm:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights.to(x.dtype), idx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, idx = self.route(flat)
+        out = torch.zeros_like(flat)
+        if self.dense_routing:
+            dense = torch.zeros(flat.shape[0], len(self.experts), dtype=flat.dtype, device=flat.device)
+            dense.scatter_(1, idx, weights)
+            for e, expert in enumerate(self.experts):
+                out = out + expert(flat) * dense[:, e:e + 1]
+        else:
+            for e, expert in enumerate(self.experts):
+                rows, slot = torch.where(idx == e)
+                if rows.numel():
+                    out.index_add_(0, rows, expert(flat[rows]) * weights[rows, slot, None])
+        for shared in self.shared_experts:
+            out = out + shared(flat)
+        return out.view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MoE(cfg) if cfg.use_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_in_fp32)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
+                                                cfg.norm_weight_in_fp32)
+
+    def forward(self, x, cos, sin, cache, start, mask):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_in_fp32)
+
+
+class MiniMindForCausalLM(nn.Module):
+    """``model.*`` and a head tied to the token embedding, as in every MiniMind checkpoint."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head.weight = self.model.embed_tokens.weight
+        self._rope_len = 0
+        self.rope_cos = self.rope_sin = torch.zeros(0)
+
+    def rope(self, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables of at least ``length`` rows, built once and grown on demand."""
+        if (length > self._rope_len or self.rope_cos.dtype != dtype
+                or self.rope_cos.device != device):
+            n = max(length, min(4096, self.config.max_position_embeddings))
+            cos, sin = rope_cos_sin(self.config, n)
+            self.rope_cos = torch.from_numpy(cos).to(device=device, dtype=dtype)
+            self.rope_sin = torch.from_numpy(sin).to(device=device, dtype=dtype)
+            self._rope_len = n
+        return self.rope_cos, self.rope_sin
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, start: int = 0,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits for ``input_ids`` [B, T] placed at cache positions ``start..start+T``."""
+        b, t = input_ids.shape
+        x = self.model.embed_tokens(input_ids)
+        cos_t, sin_t = self.rope(start + t, x.device, x.dtype)
+        mask = None
+        if cache is not None and cache.key_mask is not None:
+            # left-padded batch: each row's RoPE positions start at its first real token
+            pos = (torch.arange(start, start + t, device=x.device)[None, :] - cache.pad[:, None]).clamp_(min=0)
+            cos, sin = cos_t[pos][:, :, None, :], sin_t[pos][:, :, None, :]
+            # a padding query sees only itself, so no row is fully masked (that would give NaN)
+            own = _causal(t, start, x.device).triu_(start)
+            mask = (cache.key_mask[..., : start + t] & _causal(t, start, x.device)) | own
+        else:
+            cos, sin = cos_t[start:start + t][:, None, :], sin_t[start:start + t][:, None, :]
+            if t > 1 and start > 0:  # chunked prefill: causal mask aligned to the cache end
+                mask = _causal(t, start, x.device)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, start, mask)
+        if last_only:
+            x = x[:, -1:]
+        return F.linear(self.model.norm(x), self.lm_head.weight)
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Pack q/k/v and gate/up into one matrix each; the named parameters become views."""
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            projections = [attn.q_proj, attn.k_proj, attn.v_proj]
+            attn.wqkv = _pack(projections)
+            mlps = list(layer.mlp.experts) + list(layer.mlp.shared_experts) if isinstance(
+                layer.mlp, MoE) else [layer.mlp]
+            for mlp in mlps:
+                mlp.w13 = _pack([mlp.gate_proj, mlp.up_proj])
+
+
+def _causal(t: int, start: int, device) -> torch.Tensor:
+    return torch.ones(t, start + t, dtype=torch.bool, device=device).tril_(start)
+
+
+def _pack(linears: list[nn.Linear]) -> torch.Tensor:
+    fused = torch.cat([lin.weight.data for lin in linears], dim=0)
+    offset = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = nn.Parameter(fused[offset:offset + n], requires_grad=False)
+        offset += n
+    return fused

@@ -1,0 +1,60 @@
+"""minimind-core: run MiniMind language models on PyTorch and Apple MLX with one API.
+
+    from minimind_core import load
+    engine = load("out/full_sft_512.pth", backend="auto")
+    print(engine.chat([{"role": "user", "content": "你好"}]).text)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .params import GenerationResult, SamplingParams, StreamChunk, Usage
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = ["load", "SamplingParams", "GenerationResult", "StreamChunk", "Usage", "__version__"]
+
+
+def load(path: str | Path | None = None, backend: str = "auto", device: str | None = None,
+         dtype: str | None = None, tokenizer: str | Path | None = None,
+         lora: str | Path | None = None, **overrides: Any) -> Engine:
+    """Load a MiniMind model and return an Engine ready to generate.
+
+    path: a ``.pth`` / ``.safetensors`` file, a transformers or MLX folder, or None for the
+    embedded demo model. backend: "torch", "mlx" or "auto" (MLX on Apple silicon when installed,
+    else torch). device: auto = cuda, then mps, then cpu. dtype: auto = bf16 on CUDA when supported
+    (else fp16), fp32 on CPU. tokenizer: a folder; by default it is found beside the weights or in
+    upstream's ``model/`` folder. lora: an upstream LoRA file applied unmerged. Any ModelConfig
+    field (e.g. ``num_experts_per_tok=2``, ``inference_rope_scaling=True``) may be overridden.
+    """
+    import backends
+
+    if path is None:
+        from .demo import demo_model_path
+
+        path = demo_model_path()
+    engine_cls = backends.get(backend)
+    return engine_cls.load(path, device=device, dtype=dtype, tokenizer=tokenizer, lora=lora,
+                           **overrides)
+
+
+def __getattr__(name: str) -> Any:
+    # Heavier names load on first use, so `import minimind_core` stays fast.
+    if name == "Engine":
+        from .engine import Engine
+
+        return Engine
+    if name == "ChatFormatter":
+        from .chat import ChatFormatter
+
+        return ChatFormatter
+    if name == "ModelConfig":
+        from .config import ModelConfig
+
+        return ModelConfig
+    raise AttributeError(f"module 'minimind_core' has no attribute {name!r}")

@@ -1,0 +1,336 @@
+"""Read MiniMind checkpoints of every form into (ModelConfig, weights by checkpoint key).
+
+Forms: upstream ``.pth`` state dicts (``torch.load(weights_only=True, mmap=True)`` only),
+``.safetensors`` files, transformers folders (config.json + single/sharded safetensors or
+pytorch_model.bin) and unquantized MLX folders. Weights come back as numpy arrays under the
+upstream key names (``model.layers.0.self_attn.q_proj.weight`` …); bf16 is widened to fp32
+because numpy has no bf16 (lossless), and the file's dtype is reported separately.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ModelConfig, config_from_json, infer_config
+
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+_PREFIXES = ("module.", "_orig_mod.")
+# Buffers some exporters save that are not weights.
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|freqs_cos|freqs_sin|\.lora\.[AB]\.weight)$")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable MiniMind checkpoint; the message says why and what to do."""
+
+
+@dataclass
+class Checkpoint:
+    """A model's weights under checkpoint names, its config and where they came from."""
+
+    config: ModelConfig
+    weights: dict[str, np.ndarray]
+    path: Path
+    files: list[Path] = field(default_factory=list)
+    file_dtype: str = "float32"
+    source_config: dict[str, Any] | None = None
+
+    @property
+    def file_size(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+
+# --- public entry points ------------------------------------------------------------------
+
+def load_checkpoint(path: str | Path, **overrides: Any) -> Checkpoint:
+    """Read any supported checkpoint and infer its ModelConfig; ``overrides`` win over the file."""
+    path = Path(path).expanduser()
+    raw, files, source_config = read_raw(path)
+    weights, file_dtype = normalize_weights(raw, path)
+    hints = config_from_json(source_config) if source_config else {}
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    config = infer_config(shapes, hints=hints, overrides=overrides)
+    check_keys(weights, config, path)
+    return Checkpoint(config, weights, path, files, file_dtype, source_config)
+
+
+def read_raw(path: Path) -> tuple[dict[str, Any], list[Path], dict[str, Any] | None]:
+    """Read tensors as stored (no renaming) plus the config.json beside them, if any."""
+    if not path.exists():
+        raise FileNotFoundError(
+            f"checkpoint not found: {path} (expected a .pth/.safetensors file or a model folder "
+            f"with config.json)")
+    if path.is_dir():
+        return _read_folder(path)
+    config_file = path.parent / "config.json"
+    source_config = _read_json(config_file) if config_file.is_file() else None
+    return read_tensor_file(path), [path], source_config
+
+
+def read_tensor_file(path: Path) -> dict[str, Any]:
+    """Read one .pth/.pt/.bin or .safetensors file into {key: array-like}."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return read_safetensors(path)
+    if suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        return _read_torch_file(path)
+    raise CheckpointError(f"{path}: unsupported file type {suffix!r}; expected one of "
+                          f"{', '.join(WEIGHT_SUFFIXES)} or a model folder")
+
+
+# --- safetensors (own reader: numpy has no bf16, and truncation deserves a clear message) ---
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+              "U32": np.uint32, "BOOL": np.bool_}
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Memory-map a .safetensors file; bf16 tensors come back widened to fp32."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: file is truncated or empty (no safetensors header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 << 20):
+            raise CheckpointError(f"{path}: not a safetensors file (bad header length) or truncated")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
+    out: dict[str, np.ndarray] = {}
+    for key, info in header.items():
+        start, end = info["data_offsets"]
+        if end > data.size:
+            raise CheckpointError(f"{path}: file is truncated (tensor {key!r} ends at byte {end} of "
+                                  f"{data.size}); re-download or re-save it")
+        dtype = info["dtype"]
+        if dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype}")
+        arr = data[start:end].view(_ST_DTYPES[dtype]).reshape(info["shape"])
+        out[key] = _bf16_to_f32(arr) if dtype == "BF16" else arr
+    return out
+
+
+def _bf16_to_f32(arr: np.ndarray) -> np.ndarray:
+    return (arr.astype(np.uint32) << 16).view(np.float32)
+
+
+# --- .pth -------------------------------------------------------------------------------------
+
+def _read_torch_file(path: Path) -> dict[str, Any]:
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"reading {path.name} (a PyTorch file) needs torch: "
+                          f"pip install 'minimind-core[torch]' (the CPU wheel is enough)") from None
+    import pickle
+    import zipfile
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, AttributeError, TypeError) as e:
+        raise CheckpointError(
+            f"{path}: not a plain PyTorch state dict that can be loaded safely (weights_only=True "
+            f"refused it: {str(e).splitlines()[0][:160]}); save the model with "
+            f"torch.save(model.state_dict(), path)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: cannot read the file, it is truncated or corrupt ({msg}); "
+                              f"re-download or re-save it") from None
+    return _unwrap_state_dict(obj, path)
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Any]:
+    import torch
+
+    if isinstance(obj, Mapping):
+        for wrapper in ("model", "state_dict", "module"):
+            if wrapper in obj and isinstance(obj[wrapper], Mapping) and _is_tensor_dict(obj[wrapper]):
+                return dict(obj[wrapper])
+        if _is_tensor_dict(obj):
+            return dict(obj)
+        if "state" in obj and "param_groups" in obj:
+            raise CheckpointError(f"{path}: this is an optimizer state, not model weights; pass the "
+                                  f"model file (e.g. out/full_sft_512.pth)")
+        keys = ", ".join(list(map(str, obj))[:5])
+        raise CheckpointError(f"{path}: not a model state dict (top-level keys: {keys}); pass a file "
+                              f"saved with torch.save(model.state_dict(), path)")
+    if isinstance(obj, torch.Tensor):
+        raise CheckpointError(f"{path}: holds a single tensor, not a model state dict")
+    raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a model state dict")
+
+
+def _is_tensor_dict(d: Mapping) -> bool:
+    import torch
+
+    return bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+# --- folders (transformers, MLX) ----------------------------------------------------------------
+
+def _read_folder(path: Path) -> tuple[dict[str, Any], list[Path], dict[str, Any] | None]:
+    config_file = path / "config.json"
+    source_config = _read_json(config_file) if config_file.is_file() else None
+    if source_config and source_config.get("quantization"):
+        raise CheckpointError(f"{path}: a quantized MLX folder; load it with backend='mlx' "
+                              f"(the torch backend needs a full-precision checkpoint)")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        files = [path / s for s in shards]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            files = sorted(path.glob("pytorch_model*.bin")) or sorted(path.glob("*.pth"))
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path}: shard {missing[0].name} listed in the index is missing")
+    if not files:
+        raise FileNotFoundError(
+            f"{path}: no weights found (looked for model.safetensors, *.safetensors, "
+            f"pytorch_model.bin, *.pth)")
+    raw: dict[str, Any] = {}
+    for f in files:
+        raw.update(read_tensor_file(f))
+    return raw, files, source_config
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+# --- normalising names -------------------------------------------------------------------------
+
+def _to_numpy(value: Any) -> tuple[np.ndarray, str]:
+    if isinstance(value, np.ndarray):
+        return value, str(value.dtype)
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        dtype = str(value.dtype).removeprefix("torch.")
+        t = value.detach()
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        return t.numpy(), dtype
+    raise CheckpointError(f"unexpected value of type {type(value).__name__} in the checkpoint")
+
+
+def normalize_weights(raw: Mapping[str, Any], path: Path) -> tuple[dict[str, np.ndarray], str]:
+    """Strip DDP/compile prefixes, unstack stacked experts, drop buffers; report the file dtype."""
+    if raw and all(".lora." in k for k in raw):
+        raise CheckpointError(f"{path}: this is a LoRA adapter, not a base model; pass it as "
+                              f"lora={str(path)!r} (CLI: --lora) together with the base checkpoint")
+    out: dict[str, np.ndarray] = {}
+    dtypes: dict[str, int] = {}
+    for key, value in raw.items():
+        for prefix in _PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        if _IGNORED.search(key):
+            continue
+        arr, dtype = _to_numpy(value)
+        dtypes[dtype] = dtypes.get(dtype, 0) + arr.size
+        out.update(_unstack_experts(key, arr))
+    if "model.embed_tokens.weight" not in out and "lm_head.weight" in out:
+        out["model.embed_tokens.weight"] = out["lm_head.weight"]
+    if "lm_head.weight" in out and "model.embed_tokens.weight" in out:
+        if out["lm_head.weight"] is not out["model.embed_tokens.weight"] and not np.array_equal(
+                out["lm_head.weight"], out["model.embed_tokens.weight"]):
+            raise CheckpointError(f"{path}: lm_head.weight differs from model.embed_tokens.weight, "
+                                  f"but every MiniMind model ties them; this file is not a MiniMind model")
+        del out["lm_head.weight"]
+    file_dtype = max(dtypes, key=dtypes.get) if dtypes else "float32"
+    return out, file_dtype
+
+
+_STACKED = re.compile(r"^(model\.layers\.\d+\.mlp)\.(?:switch_mlp|experts)\.(gate_up_proj|gate_proj|"
+                      r"up_proj|down_proj)(?:\.weight)?$")
+
+
+def _unstack_experts(key: str, arr: np.ndarray) -> dict[str, np.ndarray]:
+    """mlx_lm (`switch_mlp.*` [E, out, in]) and transformers 5 (`experts.gate_up_proj`) stack experts."""
+    m = _STACKED.match(key)
+    if not m or arr.ndim != 3:
+        return {key: arr}
+    base, name = m.groups()
+    out = {}
+    for e in range(arr.shape[0]):
+        if name == "gate_up_proj":
+            gate, up = np.split(arr[e], 2, axis=0)
+            out[f"{base}.experts.{e}.gate_proj.weight"] = gate
+            out[f"{base}.experts.{e}.up_proj.weight"] = up
+        else:
+            out[f"{base}.experts.{e}.{name}.weight"] = arr[e]
+    return out
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every key a model with this config has (head tied, so no lm_head), with its shape."""
+    h, d, ffn = config.hidden_size, config.head_dim, config.intermediate_size
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (config.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
+
+    def mlp(prefix: str) -> None:
+        shapes[f"{prefix}.gate_proj.weight"] = (ffn, h)
+        shapes[f"{prefix}.up_proj.weight"] = (ffn, h)
+        shapes[f"{prefix}.down_proj.weight"] = (h, ffn)
+
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "self_attn.q_proj.weight"] = (q, h)
+        shapes[p + "self_attn.k_proj.weight"] = (kv, h)
+        shapes[p + "self_attn.v_proj.weight"] = (kv, h)
+        shapes[p + "self_attn.o_proj.weight"] = (h, q)
+        if config.qk_norm:
+            shapes[p + "self_attn.q_norm.weight"] = (d,)
+            shapes[p + "self_attn.k_norm.weight"] = (d,)
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        if config.use_moe:
+            shapes[p + "mlp.gate.weight"] = (config.num_experts, h)
+            for e in range(config.num_experts):
+                mlp(f"{p}mlp.experts.{e}")
+            for s in range(config.n_shared_experts):
+                mlp(f"{p}mlp.shared_experts.{s}")
+        else:
+            mlp(p + "mlp")
+    return shapes
+
+
+def check_keys(weights: Mapping[str, np.ndarray], config: ModelConfig, path: Path) -> None:
+    """Raise one clear error for missing, unexpected or mis-shaped tensors."""
+    want = expected_shapes(config)
+    missing = sorted(set(want) - set(weights))
+    unexpected = sorted(set(weights) - set(want))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:3])}")
+    bad = [(k, tuple(weights[k].shape), want[k]) for k in sorted(set(want) & set(weights))
+           if tuple(weights[k].shape) != want[k]]
+    if bad:
+        k, got, exp = bad[0]
+        problems.append(f"{len(bad)} tensor(s) with wrong shape, e.g. {k}: {list(got)} where the "
+                        f"config needs {list(exp)}")
+    if problems:
+        raise CheckpointError(f"{path}: does not match a {config.kind} model "
+                              f"(hidden {config.hidden_size}, {config.num_hidden_layers} layers): "
+                              + "; ".join(problems))

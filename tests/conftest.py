@@ -1,0 +1,113 @@
+"""One shared tiny-model factory used by every test: random MiniMind checkpoints in upstream's
+format (``out/full_sft_<hidden>[_moe].pth`` with the tokenizer in a sibling ``model/`` folder)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minimind_core.checkpoint import expected_shapes
+from minimind_core.config import MINIMIND2, MINIMIND3, ModelConfig
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TOKENIZERS = SHARED / "minimind-tokenizers"
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] "
+    "+ '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+KINDS = {
+    # kind: (generation, use_moe)
+    "minimind2": (MINIMIND2, False),
+    "minimind2-moe": (MINIMIND2, True),
+    "minimind3": (MINIMIND3, False),
+    "minimind3-moe": (MINIMIND3, True),
+}
+
+
+def tiny_config(kind: str = "minimind2", **overrides) -> ModelConfig:
+    """A small config of one of the four kinds (heads 4, kv heads 2, head_dim 16)."""
+    generation, moe = KINDS[kind]
+    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, intermediate_size=96, vocab_size=512)
+    if moe:
+        base.update(num_experts=4, n_shared_experts=1 if generation == MINIMIND2 else 0,
+                    num_experts_per_tok=2 if generation == MINIMIND2 else 1)
+    base.update(overrides)
+    return ModelConfig.for_generation(generation, **base)
+
+
+def random_weights(config: ModelConfig, seed: int = 0, scale: float = 0.08) -> dict[str, np.ndarray]:
+    """Random weights under checkpoint names; norms near 1 so every term matters."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, shape in expected_shapes(config).items():
+        if key.endswith("norm.weight") or "layernorm" in key:
+            out[key] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            out[key] = (scale * rng.standard_normal(shape)).astype(np.float32)
+    return out
+
+
+def build_tokenizer(folder: Path, vocab_size: int = 400, chat_template: str | None = CHATML) -> Path:
+    """Train a tiny byte-level BPE with MiniMind's three special tokens at ids 0, 1, 2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[
+        "<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = ["hello world, how are you today?", "你好，我是一个小模型。今天天气很好。",
+              "The quick brown fox jumps over the lazy dog.", "1 + 2 = 3, 10 + 20 = 30"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    cfg = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+           "unk_token": "<|endoftext|>", "add_bos_token": False, "add_eos_token": False,
+           "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 32768}
+    if chat_template:
+        cfg["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    return build_tokenizer(tmp_path_factory.mktemp("tok") / "model")
+
+
+def save_pth(weights: dict[str, np.ndarray], path: Path, dtype=None) -> Path:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: torch.from_numpy(v.copy()) for k, v in weights.items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path, tokenizer_dir):
+    """make_checkpoint(kind, seed=0, **config) -> (path to out/full_sft_H[_moe].pth, config, weights)."""
+    import shutil
+
+    def make(kind: str = "minimind2", seed: int = 0, **overrides):
+        config = tiny_config(kind, **overrides)
+        weights = random_weights(config, seed)
+        root = tmp_path / f"{kind}-{seed}"
+        if not (root / "model").exists():
+            shutil.copytree(tokenizer_dir, root / "model")
+        name = f"full_sft_{config.hidden_size}{'_moe' if config.use_moe else ''}.pth"
+        path = save_pth(weights, root / "out" / name)
+        return path, config, weights
+
+    return make
