@@ -31,10 +31,11 @@ KINDS = {
 
 
 def tiny_config(kind: str = "minimind2", **overrides) -> ModelConfig:
-    """A small config of one of the four kinds (heads 4, kv heads 2, head_dim 16)."""
+    """A small config of one of the four kinds (8 heads like every release — a bare MiniMind2
+    state dict cannot tell its head count —, 2 kv heads, head_dim 16)."""
     generation, moe = KINDS[kind]
-    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                head_dim=16, intermediate_size=96, vocab_size=512)
+    base = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                head_dim=16, intermediate_size=192, vocab_size=512)
     if moe:
         base.update(num_experts=4, n_shared_experts=1 if generation == MINIMIND2 else 0,
                     num_experts_per_tok=2 if generation == MINIMIND2 else 1)
