@@ -93,7 +93,7 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": n
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Memory-map a .safetensors file; bf16 tensors come back widened to fp32."""
+    """Memory-map a .safetensors file; bf16 tensors come back as ``Bf16`` (raw bits)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -118,12 +118,19 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         if dtype not in _ST_DTYPES:
             raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype}")
         arr = data[start:end].view(_ST_DTYPES[dtype]).reshape(info["shape"])
-        out[key] = _bf16_to_f32(arr) if dtype == "BF16" else arr
+        out[key] = Bf16(arr) if dtype == "BF16" else arr
     return out
 
 
-def _bf16_to_f32(arr: np.ndarray) -> np.ndarray:
-    return (arr.astype(np.uint32) << 16).view(np.float32)
+class Bf16:
+    """A bf16 tensor as raw uint16 bits; widened to fp32 (exactly) when normalised."""
+
+    def __init__(self, bits: np.ndarray) -> None:
+        self.bits = bits
+        self.shape = bits.shape
+
+    def to_f32(self) -> np.ndarray:
+        return (self.bits.astype(np.uint32) << 16).view(np.float32)
 
 
 # --- .pth -------------------------------------------------------------------------------------
@@ -218,6 +225,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _to_numpy(value: Any) -> tuple[np.ndarray, str]:
     if isinstance(value, np.ndarray):
         return value, str(value.dtype)
+    if isinstance(value, Bf16):
+        return value.to_f32(), "bfloat16"
     import torch
 
     if isinstance(value, torch.Tensor):
