@@ -29,6 +29,8 @@ class TextAssembler:
 
     def add(self, token_id: int) -> str:
         """Add a token; return the text that is now safe to show (may be empty)."""
+        if self.stopped:
+            return ""
         self.ids.append(token_id)
         prefix_text = self.tokenizer.decode(self.ids[self._prefix:self._read])
         new_text = self.tokenizer.decode(self.ids[self._prefix:])

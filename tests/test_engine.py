@@ -1,0 +1,166 @@
+"""The shared generation loop, driven by a scripted backend, plus load()'s plumbing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from minimind_core.config import ModelConfig
+from minimind_core.engine import Engine
+from minimind_core.tokenizer import Tokenizer
+
+
+class ScriptedEngine(Engine):
+    """A backend whose logits always put the next scripted token first (per row)."""
+
+    backend = "scripted"
+
+    def __init__(self, tokenizer, scripts, window=64):
+        super().__init__(ModelConfig(vocab_size=512, max_position_embeddings=window), tokenizer)
+        self.scripts = scripts
+        self.decode_calls = 0
+
+    def _onehot(self):
+        logits = np.zeros((len(self.rows), 512), np.float32)
+        for i, s in enumerate(self.rows):
+            logits[i, s[min(self.pos, len(s) - 1)]] = 10.0
+        return logits
+
+    def _prefill(self, prompts, max_len):
+        self.rows, self.pos = [self.scripts[i % len(self.scripts)] for i in range(len(prompts))], 0
+        return self._onehot()
+
+    def _decode(self, tokens):
+        self.decode_calls += 1
+        self.pos += 1
+        return self._onehot()
+
+    def _logits(self, ids):
+        return np.zeros((len(ids), 512), np.float32)
+
+
+@pytest.fixture
+def tok(tokenizer_dir):
+    return Tokenizer.from_folder(tokenizer_dir)
+
+
+def test_eos_stops_and_is_not_in_text(tok):
+    script = tok.encode("你好 world") + [tok.eos_token_id, 5, 6]
+    r = ScriptedEngine(tok, [script]).generate("hi", max_new_tokens=20)
+    assert r.text == "你好 world"
+    assert r.finish_reason == "stop"
+    assert r.token_ids == script[:-2]
+    assert r.completion_tokens == len(script) - 2
+    assert r.prompt_tokens == len(tok.encode("hi"))
+
+
+def test_stop_string_cut_and_generation_stops_early(tok):
+    script = tok.encode("hello END more text here") + [tok.eos_token_id]
+    engine = ScriptedEngine(tok, [script])
+    r = engine.generate("hi", max_new_tokens=50, stop=["END"])
+    assert r.text == "hello "
+    assert r.finish_reason == "stop"
+    assert engine.decode_calls < len(script) - 2
+
+
+def test_length_finish_and_budget(tok):
+    script = tok.encode("the quick brown fox jumps over the lazy dog")
+    engine = ScriptedEngine(tok, [script])
+    r = engine.generate("hi", max_new_tokens=4)
+    assert r.finish_reason == "length" and r.completion_tokens == 4
+    assert engine.decode_calls == 3  # no wasted decode after the last token
+    assert r.text == tok.decode(script[:4])
+
+
+def test_stream_deltas_are_utf8_safe_and_concatenate(tok):
+    text = "你好，龍鳳呈祥，我是一个小模型。"  # unseen characters fall back to byte tokens
+    script = tok.encode(text) + [tok.eos_token_id]
+    chunks = list(ScriptedEngine(tok, [script]).stream("hi", max_new_tokens=100))
+    assert all("\ufffd" not in c.text for c in chunks)
+    assert "".join(c.text for c in chunks) == text
+    assert chunks[-1].finish_reason == "stop" and chunks[-1].usage.completion_tokens == len(script)
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    # byte-level merges split at least one character over several tokens here
+    assert any(tok.decode([t]).endswith("\ufffd") for t in script[:-1])
+
+
+def test_batch_rows_finish_independently(tok):
+    a = tok.encode("short") + [tok.eos_token_id]
+    b = tok.encode("a much longer answer than the first") + [tok.eos_token_id]
+    results = ScriptedEngine(tok, [a, b]).generate_batch(["x", "y"], max_new_tokens=40)
+    assert [r.text for r in results] == ["short", "a much longer answer than the first"]
+    assert [r.finish_reason for r in results] == ["stop", "stop"]
+    assert results[0].completion_tokens == len(a)
+
+
+def test_context_window_guard(tok):
+    engine = ScriptedEngine(tok, [[5]], window=16)
+    with pytest.raises(ValueError, match="longer than the context window of 16 tokens"):
+        engine.generate(list(range(3, 30)))
+    # the budget is clamped to what is left of the window
+    r = engine.generate(list(range(3, 13)), max_new_tokens=100)
+    assert r.completion_tokens == 6 and r.finish_reason == "length"
+
+
+def test_bad_prompts(tok):
+    engine = ScriptedEngine(tok, [[5]])
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.generate("")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.generate([1, 99999])
+
+
+def test_chat_goes_through_the_shared_formatter(tok):
+    script = tok.encode("ok") + [tok.eos_token_id]
+    engine = ScriptedEngine(tok, [script])
+    msgs = [{"role": "user", "content": "hello"}]
+    assert engine.chat_ids(msgs) == tok.encode(
+        "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n")
+    assert engine.chat(msgs).text == "ok"
+
+
+def test_missing_extra_names_the_pip_command(monkeypatch):
+    import backends
+
+    monkeypatch.setattr(backends, "is_installed", lambda name: False)
+    with pytest.raises(ImportError, match=r"pip install 'minimind-core\[mlx\]'"):
+        backends.get("mlx")
+    with pytest.raises(ImportError, match="no backend is installed"):
+        backends.get("auto")
+
+
+def test_import_is_backend_free():
+    code = ("import sys, minimind_core, minimind_core.engine, minimind_core.checkpoint, backends; "
+            "print([m for m in ('torch', 'mlx', 'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_seeded_sampling_is_reproducible(make_checkpoint):
+    pytest.importorskip("torch")
+    from minimind_core import load
+
+    path, _, _ = make_checkpoint("minimind3")
+    engine = load(path, backend="torch", device="cpu")
+    kw = dict(max_new_tokens=16, temperature=1.0, top_p=0.95)
+    a = engine.generate("hello", seed=1, **kw).token_ids
+    assert engine.generate("hello", seed=1, **kw).token_ids == a
+    assert engine.generate("hello", seed=2, **kw).token_ids != a
+
+
+def test_tokenizer_not_found_lists_paths(make_checkpoint, tmp_path):
+    pytest.importorskip("torch")
+    import shutil
+
+    from minimind_core import load
+
+    path, _, _ = make_checkpoint("minimind2")
+    lonely = tmp_path / "lonely" / "w.pth"
+    lonely.parent.mkdir()
+    shutil.copy(path, lonely)
+    with pytest.raises(FileNotFoundError, match="tokenizer") as e:
+        load(lonely, backend="torch")
+    assert str(lonely.parent) in str(e.value)
