@@ -1,0 +1,319 @@
+"""The OpenAI wire format: request parsing with OpenAI-shaped errors, and response bodies.
+
+Requests are checked by hand rather than with pydantic models so that every error names the
+parameter and says what to send instead, in OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``. Statuses: 400 for a bad value or a missing
+parameter, 422 for a value of the wrong JSON type, 401/404/413/503 for their usual meanings.
+Unknown fields are ignored, as OpenAI-compatible servers do, unless ignoring them would silently
+change the answer (``logprobs``, JSON ``response_format``, a forced ``tool_choice``).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .chat import ROLES, validate_messages
+from .params import SamplingParams
+
+__all__ = ["APIError", "ChatRequest", "CompletionRequest", "chat_chunk", "chat_completion",
+           "completion", "completion_chunk", "error_body", "model_card", "new_id",
+           "parse_chat_request", "parse_completion_request", "usage_body"]
+
+
+class APIError(Exception):
+    """An error answered to the client in OpenAI's shape with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, type: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# -- field readers ---------------------------------------------------------------------------
+
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+               dict: "an object", list: "an array"}
+
+
+def _wrong_type(name: str, want: str, value: Any) -> APIError:
+    return APIError(422, f"'{name}' must be {want}, got {type(value).__name__} {value!r:.60}",
+                    param=name, code="invalid_type")
+
+
+def _get(body: dict, name: str, kind: type, default: Any = None) -> Any:
+    """body[name] checked against a JSON type (null = default); ints count as numbers."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if kind in (int, float) and isinstance(value, bool):
+        raise _wrong_type(name, _TYPE_NAMES[kind], value)
+    if kind is float and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, kind):
+        raise _wrong_type(name, _TYPE_NAMES[kind], value)
+    return value
+
+
+def _bad(name: str, message: str, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=name, code=code)
+
+
+def _max_tokens(body: dict, default: int, cap: int | None, window: int) -> int:
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
+        else "max_tokens"
+    value = _get(body, name, int)
+    if value is None:
+        return default
+    if value < 1:
+        raise _bad(name, f"'{name}' must be at least 1, got {value}")
+    if cap is not None and value > cap:
+        raise _bad(name, f"'{name}' is {value}, more than this server allows ({cap}); "
+                         f"ask for at most {cap} tokens")
+    if value >= window:
+        raise _bad(name, f"'{name}' is {value}, but the model's context window is {window} "
+                         "tokens (prompt included); ask for fewer tokens")
+    return value
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise _wrong_type("stop", "a string or an array of strings", stop)
+    if any(not s for s in stop):
+        raise _bad("stop", "'stop' strings must not be empty")
+    return tuple(stop)
+
+
+def _sampling(body: dict, defaults: SamplingParams, cap: int | None,
+              window: int) -> SamplingParams:
+    if _get(body, "n", int, 1) != 1:
+        raise _bad("n", f"'n' is {body['n']}, but this server returns one choice per request "
+                        "(n=1); send several requests instead")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise _bad("logprobs", "logprobs are not supported by this server")
+    values = {
+        "max_new_tokens": _max_tokens(body, defaults.max_new_tokens, cap, window),
+        "temperature": _get(body, "temperature", float),
+        "top_p": _get(body, "top_p", float),
+        "top_k": _get(body, "top_k", int),
+        "min_p": _get(body, "min_p", float),
+        "repetition_penalty": _get(body, "repetition_penalty", float),
+        "stop": _stop(body) or defaults.stop,
+        "seed": _get(body, "seed", int),
+    }
+    temperature = values["temperature"]
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise _bad("temperature", f"'temperature' must be between 0 and 2, got {temperature}")
+    if values["top_p"] == 0:  # OpenAI accepts 0 and means "only the most likely token"
+        values["top_p"], values["temperature"] = None, 0.0
+    try:
+        return SamplingParams.from_kwargs(defaults, **values)
+    except ValueError as e:  # messages start with the field's name
+        message = str(e)
+        raise _bad(message.split()[0], message) from e
+
+
+# -- requests --------------------------------------------------------------------------------
+
+
+@dataclass
+class ChatRequest:
+    """A checked POST /v1/chat/completions body."""
+
+    model: str | None
+    messages: list[dict[str, Any]]
+    params: SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+    tools: list[dict[str, Any]] | None = None
+    parse_tools: bool = False
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CompletionRequest:
+    """A checked POST /v1/completions body; ``prompt`` is text or token ids."""
+
+    model: str | None
+    prompt: str | list[int]
+    params: SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+
+
+def _object(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got "
+                            f"{type(body).__name__}", code="invalid_body")
+    return body
+
+
+def _common(body: dict) -> tuple[str | None, bool, bool]:
+    model = _get(body, "model", str)
+    stream = _get(body, "stream", bool, False)
+    options = _get(body, "stream_options", dict, {})
+    include_usage = _get(options, "include_usage", bool, False)
+    return model, stream, include_usage
+
+
+def _messages(body: dict) -> list[dict[str, Any]]:
+    if "messages" not in body or body["messages"] is None:
+        raise APIError(400, "Missing required parameter: 'messages' (a list of "
+                            "{'role': ..., 'content': ...} objects)", param="messages",
+                       code="missing_required_parameter")
+    messages = body["messages"]
+    if not isinstance(messages, list):
+        raise _wrong_type("messages", "an array of message objects", messages)
+    if not messages:
+        raise _bad("messages", "'messages' is empty; send at least one message")
+    for i, m in enumerate(messages):
+        if isinstance(m, dict) and m.get("role") is not None and m["role"] not in ROLES:
+            raise _bad(f"messages[{i}].role", f"messages[{i}] has unknown role {m['role']!r}; "
+                                              f"expected one of {', '.join(ROLES)}")
+    try:
+        return validate_messages(messages)
+    except ValueError as e:
+        raise _bad("messages", str(e)) from e
+
+
+def _tools(body: dict) -> tuple[list[dict] | None, bool]:
+    tools = _get(body, "tools", list)
+    choice = body.get("tool_choice")
+    if choice is not None and choice not in ("auto", "none"):
+        raise _bad("tool_choice", f"tool_choice {choice!r} is not supported; use 'auto' or "
+                                  "'none' (the model decides whether to call a tool)")
+    if not tools:
+        return None, False
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise _bad(f"tools[{i}]", f"tools[{i}] must look like {{'type': 'function', "
+                                      "'function': {'name': ..., 'parameters': {...}}}")
+        if tool.get("type", "function") != "function":
+            raise _bad(f"tools[{i}].type", f"tools[{i}] has type {tool['type']!r}; only "
+                                           "'function' tools are supported")
+    return tools, choice != "none"
+
+
+def parse_chat_request(body: Any, *, defaults: SamplingParams, window: int,
+                       max_tokens_cap: int | None = None) -> ChatRequest:
+    """Check a chat completion body; raises APIError naming the bad parameter."""
+    body = _object(body)
+    model, stream, include_usage = _common(body)
+    messages = _messages(body)
+    fmt = _get(body, "response_format", dict, {})
+    if fmt.get("type", "text") != "text":
+        raise _bad("response_format", f"response_format {fmt.get('type')!r} is not supported; "
+                                      "only 'text'")
+    tools, parse_tools = _tools(body)
+    template_kwargs = dict(_get(body, "chat_template_kwargs", dict, {}))
+    return ChatRequest(model=model, messages=messages,
+                       params=_sampling(body, defaults, max_tokens_cap, window), stream=stream,
+                       include_usage=include_usage, tools=tools, parse_tools=parse_tools,
+                       template_kwargs=template_kwargs)
+
+
+def parse_completion_request(body: Any, *, defaults: SamplingParams, window: int,
+                             max_tokens_cap: int | None = None) -> CompletionRequest:
+    """Check a (legacy) completion body; one prompt, as text or token ids."""
+    body = _object(body)
+    model, stream, include_usage = _common(body)
+    if "prompt" not in body or body["prompt"] is None:
+        raise APIError(400, "Missing required parameter: 'prompt'", param="prompt",
+                       code="missing_required_parameter")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    is_ids = isinstance(prompt, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    if isinstance(prompt, list) and prompt and not is_ids:
+        raise _bad("prompt", "send one prompt per request (a string or a list of token ids); "
+                             "batches of prompts are not supported")
+    if not isinstance(prompt, (str, list)):
+        raise _wrong_type("prompt", "a string or an array of token ids", prompt)
+    if not prompt:
+        raise _bad("prompt", "'prompt' is empty; give some text or token ids")
+    if _get(body, "best_of", int, 1) != 1:
+        raise _bad("best_of", "best_of > 1 is not supported")
+    return CompletionRequest(model=model, prompt=prompt,
+                             params=_sampling(body, defaults, max_tokens_cap, window),
+                             stream=stream, include_usage=include_usage,
+                             echo=_get(body, "echo", bool, False))
+
+
+# -- responses -------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_completion(id: str, created: int, model: str, message: dict[str, Any],
+                    finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+    return {"id": id, "object": "chat.completion", "created": created, "model": model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": finish_reason}],
+            "usage": usage}
+
+
+def chat_chunk(id: str, created: int, model: str, delta: dict[str, Any] | None,
+               finish_reason: str | None = None, *, include_usage: bool = False,
+               usage: dict[str, int] | None = None) -> dict[str, Any]:
+    """One ``chat.completion.chunk``; ``delta=None`` gives the usage-only last chunk."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+                                         "finish_reason": finish_reason}]
+    out = {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+           "system_fingerprint": None, "choices": choices}
+    if include_usage:
+        out["usage"] = usage
+    return out
+
+
+def completion(id: str, created: int, model: str, text: str, finish_reason: str,
+               usage: dict[str, int]) -> dict[str, Any]:
+    return {"id": id, "object": "text_completion", "created": created, "model": model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "text": text, "logprobs": None,
+                         "finish_reason": finish_reason}],
+            "usage": usage}
+
+
+def completion_chunk(id: str, created: int, model: str, text: str | None,
+                     finish_reason: str | None = None, *, include_usage: bool = False,
+                     usage: dict[str, int] | None = None) -> dict[str, Any]:
+    choices = [] if text is None else [{"index": 0, "text": text, "logprobs": None,
+                                        "finish_reason": finish_reason}]
+    out = {"id": id, "object": "text_completion", "created": created, "model": model,
+           "system_fingerprint": None, "choices": choices}
+    if include_usage:
+        out["usage"] = usage
+    return out
+
+
+def model_card(id: str, *, created: int | None = None, owned_by: str = "minimind-core",
+               **extra: Any) -> dict[str, Any]:
+    return {"id": id, "object": "model", "created": int(created or time.time()),
+            "owned_by": owned_by, **extra}
