@@ -1,0 +1,175 @@
+"""``minimind chat``: a REPL with multi-turn history.
+
+``clear`` or ``/clear`` resets the history; ``quit``, ``exit``, ``q`` or Ctrl-D leaves; Ctrl-C
+during a reply stops that reply only (what was shown stays in the history). Replies stream by
+default; thinking (``<think>…</think>``) is shown dimmed on a terminal; after each reply one
+short line on stderr gives tokens and tok/s (``--quiet`` turns it off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TextIO
+
+from ..params import SamplingParams
+from . import common
+from .render import ReplyStats, ThinkStyler, ends_in_think, print_stats, print_stream, use_color
+from .upstream import historys_to_turns
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+
+QUIT = {"quit", "exit", "q", "/quit", "/exit", "/q", "/bye"}
+CLEAR = {"clear", "/clear", "/reset"}
+HELP = {"/help", "/?", "help"}
+BANNER = "Type a message. 'clear' resets the history; 'quit' or Ctrl-D leaves; Ctrl-C stops a reply."
+
+
+@dataclass
+class ChatSession:
+    """What the REPL needs besides the engine: options and the running history."""
+
+    params: SamplingParams = field(default_factory=SamplingParams)
+    system: str | None = None
+    max_history: int | None = None  # turns kept; None = all that fit the context window
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    stream: bool = True
+    quiet: bool = False
+    raw: bool = False  # pretrain weights: each line is continued as text, no template, no history
+    prefix: str = ""  # prepended to raw prompts (upstream's bos for pretrain weights)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+
+    def conversation(self, text: str) -> list[dict[str, Any]]:
+        head = [{"role": "system", "content": self.system}] if self.system is not None else []
+        return [*head, *self.messages, {"role": "user", "content": text}]
+
+
+def reply(engine: Engine, session: ChatSession, text: str, out: TextIO, err: TextIO) -> ReplyStats:
+    """Answer one user line, print it, and extend the session's history."""
+    if session.raw:
+        prompt = session.prefix + text
+        chunks = engine.stream(prompt, session.params)
+        prompt_text = prompt
+    else:
+        messages = session.conversation(text)
+        chunks = engine.stream_chat(messages, session.params, max_history=session.max_history,
+                                    template_kwargs=session.template_kwargs)
+        prompt_text = engine.formatter.render(messages, max_history=session.max_history,
+                                              **session.template_kwargs)
+    styler = ThinkStyler(use_color(out), inside=ends_in_think(prompt_text))
+    if session.stream:
+        answer, stats = print_stream(chunks, out, styler)
+    else:
+        answer, stats = print_stream(chunks, _Buffer(), ThinkStyler(False))
+        out.write(styler.feed(answer) + styler.finish())
+    out.write("\n")
+    out.flush()
+    if stats.interrupted:
+        err.write("(reply stopped)\n")
+    if not session.raw:
+        session.messages += [{"role": "user", "content": text},
+                             {"role": "assistant", "content": answer}]
+    if not session.quiet:
+        print_stats(stats, err)
+    return stats
+
+
+class _Buffer:
+    """A write-nothing stream for --no-stream (the text is printed whole afterwards)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def read_line_from(stdin: TextIO, out: TextIO, prompt: str = ">> ") -> Callable[[], str | None]:
+    """A reader returning the next line (None at end of input); prompts only on a terminal."""
+    interactive = stdin.isatty()
+
+    def read() -> str | None:
+        if interactive:
+            try:
+                return input(prompt)
+            except EOFError:
+                out.write("\n")
+                return None
+        line = stdin.readline()
+        return None if line == "" else line.rstrip("\n")
+
+    return read
+
+
+def chat_loop(engine: Engine, session: ChatSession, read: Callable[[], str | None],
+              out: TextIO, err: TextIO) -> int:
+    """Run the REPL until quit / end of input; returns how many replies were given."""
+    replies = 0
+    while True:
+        try:
+            line = read()
+        except KeyboardInterrupt:  # at the prompt: drop the line, keep the session
+            out.write("\n")
+            err.write("(Ctrl-D or 'quit' leaves)\n")
+            continue
+        if line is None:
+            return replies
+        text = line.strip()
+        if not text:
+            continue
+        cmd = text.lower()
+        if cmd in QUIT:
+            return replies
+        if cmd in CLEAR:
+            session.messages.clear()
+            err.write("(history cleared)\n")
+            continue
+        if cmd in HELP:
+            err.write(BANNER + "\n")
+            continue
+        try:
+            reply(engine, session, line, out, err)
+        except ValueError as e:  # e.g. a prompt longer than the context: say so, keep the session
+            err.write(f"minimind: error: {e}\n")
+            continue
+        replies += 1
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("chat")
+    g.add_argument("--history", type=int, default=None, metavar="N",
+                   help="earlier turns kept in the prompt (default: all that fit the context)")
+    g.add_argument("--historys", type=int, default=None, metavar="N",
+                   help="upstream's flag: earlier messages kept (N // 2 turns)")
+    g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="print tokens as they come (default on)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no stats line after each reply")
+    g.add_argument("--raw", action="store_true", default=None,
+                   help="no chat template and no history: continue each line as text "
+                        "(default for upstream's --weight pretrain)")
+    common.add_template_args(parser)
+    common.add_sampling_args(parser)
+    common.add_model_args(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.history is not None and args.historys is not None:
+        raise ValueError("give either --history N (turns) or upstream's --historys N, not both")
+    if args.history is not None and args.history < 0:
+        raise ValueError(f"--history must be >= 0, got {args.history}")
+    max_history = args.history if args.historys is None else historys_to_turns(args.historys)
+    params = SamplingParams.from_kwargs(**common.sampling_kwargs(args))
+    engine = common.load_engine(args)
+    raw = args.raw if args.raw is not None else common.is_pretrain(args)
+    prefix = (engine.tokenizer.bos_token or "") if raw and args.raw is None else ""
+    session = ChatSession(params=params, system=args.system, max_history=max_history,
+                          template_kwargs=common.template_kwargs(args), stream=args.stream,
+                          quiet=args.quiet, raw=raw, prefix=prefix)
+    if sys.stdin.isatty():
+        desc = engine.describe()
+        sys.stderr.write(f"{desc['name']} ({desc['kind']}, {desc['backend']}). {BANNER}\n")
+    chat_loop(engine, session, read_line_from(sys.stdin, sys.stdout), sys.stdout, sys.stderr)
+    return 0

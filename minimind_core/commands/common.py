@@ -1,0 +1,323 @@
+"""Flags shared by the ``minimind`` commands, and turning them into an Engine.
+
+Every command that runs a model takes the same model flags (``add_model_args``), sampling flags
+(``add_sampling_args``) and architecture overrides (one flag per ModelConfig field), plus
+upstream ``eval_llm.py``'s flag names, so ``--top_p`` and ``--top-p`` are the same flag.
+``load_engine(args)`` is the one place those flags become ``minimind_core.load(...)``; the
+server uses it too.
+
+Defaults follow mlx-lm, not upstream's eval_llm.py: greedy decoding (temperature 0) and at most
+512 new tokens. Upstream's flags keep their meaning but not their defaults (0.85 / 0.85 / 8192):
+pass ``--temperature 0.85 --top_p 0.85`` to sample as eval_llm.py does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from ..config import ModelConfig
+from .upstream import UpstreamPaths, resolve_upstream
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+
+PROG = "minimind"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag ends with one line (``minimind: error: ...``), not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = f" (see '{self.prog} --help')"
+        self.exit(2, f"{PROG}: error: {message}{hint}\n")
+
+
+# ---- architecture overrides (one flag per ModelConfig field) -------------------------------
+
+# Fields the weights alone decide or that are not architecture (special ids live in the tokenizer).
+_NOT_OVERRIDABLE = {"extra", "generation", "tie_word_embeddings", "bos_token_id", "eos_token_id",
+                    "pad_token_id", "inference_rope_scaling"}
+_FIELD_HELP = {
+    "hidden_size": "hidden size (also picks upstream's out/{weight}_{hidden}.pth)",
+    "num_hidden_layers": "number of layers",
+    "num_attention_heads": "query heads (MiniMind2 files cannot tell it; default 8)",
+    "num_key_value_heads": "key/value heads",
+    "head_dim": "width of one attention head",
+    "intermediate_size": "FFN width",
+    "vocab_size": "vocabulary size",
+    "rms_norm_eps": "RMSNorm epsilon (MiniMind2 1e-5, MiniMind-3 1e-6)",
+    "rope_theta": "RoPE base (1e6 in every release)",
+    "max_position_embeddings": "context window in tokens",
+    "num_experts": "routed experts of a MoE model",
+    "num_experts_per_tok": "experts each token is routed to (MiniMind2-MoE 2, MiniMind-3-MoE 1)",
+    "n_shared_experts": "shared experts of a MiniMind2-MoE model",
+    "norm_topk_prob": "renormalise the router's top-k weights (true/false)",
+    "rope_scaling": "RoPE scaling as JSON, e.g. '{\"type\": \"yarn\", \"factor\": 16}'",
+}
+_UPSTREAM_FIELDS = {"hidden_size", "num_hidden_layers"}  # upstream spells these flags with '_'
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def override_fields() -> list[tuple[str, Any]]:
+    """(name, type) of every ModelConfig field a user may override from the command line."""
+    out = []
+    for f in fields(ModelConfig):
+        if f.name in _NOT_OVERRIDABLE:
+            continue
+        default = f.default if f.default is not MISSING else None
+        kind = {bool: _bool, int: int, float: float}.get(type(default), _json_object)
+        out.append((f.name, kind))
+    return out
+
+
+def add_arch_args(parser: argparse.ArgumentParser) -> None:
+    """--inference-rope-scaling and one ``--<field>`` flag per ModelConfig field (default: the file's)."""
+    group = parser.add_argument_group("architecture overrides (default: what the checkpoint says)")
+    group.add_argument("--inference-rope-scaling", "--inference_rope_scaling", action="store_true",
+                       default=None, help="YaRN RoPE extrapolation (upstream's switch, factor 16)")
+    for name, kind in override_fields():
+        dashed = "--" + name.replace("_", "-")
+        flags = [dashed, "--" + name] if name in _UPSTREAM_FIELDS else [dashed]
+        metavar = "JSON" if kind is _json_object else ("BOOL" if kind is _bool else "N")
+        group.add_argument(*flags, dest=name, type=kind, default=None, metavar=metavar,
+                           help=_FIELD_HELP.get(name, f"override {name}"))
+
+
+def arch_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The architecture overrides the user set (ModelConfig field → value)."""
+    out = {name: getattr(args, name) for name, _ in override_fields()
+           if getattr(args, name, None) is not None}
+    if getattr(args, "inference_rope_scaling", None):
+        out["inference_rope_scaling"] = True
+    return out
+
+
+# ---- model flags -----------------------------------------------------------------------------
+
+def add_model_args(parser: argparse.ArgumentParser, *, runtime: bool = True,
+                   skip: set[str] | frozenset[str] = frozenset()) -> None:
+    """Flags that pick the model: --model, --tokenizer, --lora, upstream's flags, overrides.
+
+    ``runtime`` adds the flags that only matter when running it (--backend, --device, --dtype,
+    --q-bits). Flags whose option strings are in ``skip`` (e.g. ones a caller already defined)
+    are left out.
+    """
+    def add(group: argparse._ActionsContainer, *names: str, **kw: Any) -> None:
+        if not any(n in skip for n in names):
+            group.add_argument(*names, **kw)
+
+    g = parser.add_argument_group("model")
+    add(g, "-m", "--model", default=None, metavar="PATH",
+        help="a .pth / .safetensors file, or a transformers or MLX folder (default: the embedded "
+             "demo model)")
+    add(g, "--tokenizer", default=None, metavar="DIR",
+        help="tokenizer folder (default: beside the weights, or upstream's ../model)")
+    add(g, "--lora", default=None, metavar="PATH", help="an upstream LoRA file to apply")
+    if runtime:
+        add(g, "--backend", default="auto",
+            help="torch, mlx or auto (MLX on Apple silicon when installed, else torch)")
+        add(g, "--device", default=None,
+            help="cpu, cuda, cuda:N, mps or auto (default: cuda, then mps, then cpu)")
+        add(g, "--dtype", default=None,
+            help="float32, float16 or bfloat16 (default: bf16/fp16 on a GPU, fp32 on CPU)")
+        add(g, "--merge-lora", action="store_true", default=None,
+            help="fold the LoRA into the weights (faster; no hot swap)")
+        add(g, "--q-bits", type=int, default=None, metavar="BITS",
+            help="MLX only: quantize to 4 or 8 bits at load (default on Apple silicon: 4 for "
+                 "your models, full precision for the demo; 0 = full precision)")
+        add(g, "--q-group-size", type=int, default=None, metavar="N",
+            help="MLX only: quantization group size (default 64)")
+
+    u = parser.add_argument_group(
+        "upstream eval_llm.py flags (same meaning: --save_dir out --weight full_sft "
+        "--hidden_size 512 --use_moe 1 reads out/full_sft_512_moe.pth)")
+    add(u, "--load_from", default=None, metavar="PATH",
+        help="'model' = native .pth from --save_dir (upstream's default); else a transformers folder")
+    add(u, "--save_dir", default=None, metavar="DIR", help="folder of the .pth files (default out)")
+    add(u, "--weight", default=None, metavar="NAME",
+        help="weight prefix: pretrain, full_sft, rlhf, reason, ... (default full_sft)")
+    add(u, "--lora_weight", default=None, metavar="NAME",
+        help="LoRA name: reads {save_dir}/lora/NAME_{hidden}.pth; None = no LoRA")
+    add(u, "--use_moe", type=int, choices=(0, 1), default=None, help="1 = the _moe weights")
+    add_arch_args(parser)
+
+
+def apple_silicon() -> bool:
+    return sys.platform == "darwin" and platform.machine() == "arm64"
+
+
+def demo_weights() -> Path:
+    """The embedded demo model's weights (FileNotFoundError, with the fix, when it is absent)."""
+    if importlib.util.find_spec("minimind_core.demo") is None:
+        raise FileNotFoundError("no --model given and the embedded demo model is not installed "
+                                "here; pass --model PATH (e.g. out/full_sft_512.pth)")
+    from ..demo import demo_model_path
+
+    return Path(demo_model_path())
+
+
+def upstream_paths(args: argparse.Namespace) -> UpstreamPaths | None:
+    """Resolve upstream flags (None when none was given); refuse a mix with --model / --lora."""
+    def get(name: str) -> Any:  # not every command defines every flag
+        return getattr(args, name, None)
+
+    if get("model") is not None and any(get(n) is not None for n in ("load_from", "save_dir", "weight")):
+        raise ValueError("give either --model PATH or upstream's --load_from/--save_dir/--weight, "
+                         "not both")
+    if get("lora") is not None and get("lora_weight") not in (None, "None"):
+        raise ValueError("give either --lora PATH or upstream's --lora_weight NAME, not both")
+    if get("model") is not None and get("lora_weight") not in (None, "None"):
+        raise ValueError("--lora_weight NAME is found through upstream's --save_dir; with --model "
+                         "give the file: --lora PATH")
+    up = resolve_upstream(get("load_from"), get("save_dir"), get("weight"), get("lora_weight"),
+                          get("hidden_size"), get("use_moe"))
+    if up is None and get("use_moe") is not None:
+        raise ValueError("--use_moe only picks upstream's out/{weight}_{hidden}_moe.pth; give "
+                         "--save_dir/--weight with it, or pass --model PATH")
+    return up
+
+
+def model_location(args: argparse.Namespace) -> tuple[Path | None, Path | None, Path | None]:
+    """(weights, lora, tokenizer) from --model/--lora/--tokenizer or upstream's flags.
+
+    weights None means the embedded demo model.
+    """
+    up = upstream_paths(args)
+    tokenizer = Path(args.tokenizer) if getattr(args, "tokenizer", None) else None
+    lora = Path(args.lora) if getattr(args, "lora", None) else None
+    if up is not None:
+        return up.model, up.lora or lora, tokenizer or up.tokenizer
+    model = Path(args.model) if getattr(args, "model", None) else None
+    if model is not None and not model.exists():
+        raise FileNotFoundError(f"--model {model}: no such file or folder")
+    if lora is not None and not lora.exists():
+        raise FileNotFoundError(f"--lora {lora}: no such file or folder")
+    return model, lora, tokenizer
+
+
+def resolve_backend(name: str) -> str:
+    """A concrete backend name ("auto" resolved); ValueError/ImportError with the fix otherwise."""
+    import backends
+
+    if name == "auto":
+        name = backends.auto()
+    backends.get(name)  # unknown → ValueError listing choices; not installed → ImportError
+    return name
+
+
+def quantize_kwargs(args: argparse.Namespace, backend: str, is_demo: bool) -> dict[str, Any]:
+    """``quantize=`` / ``q_group_size=`` for the mlx backend; an error for --q-bits elsewhere."""
+    bits = getattr(args, "q_bits", None)
+    group = getattr(args, "q_group_size", None)
+    if backend != "mlx":
+        if bits or group:
+            raise ValueError(f"--q-bits/--q-group-size are for the mlx backend, not {backend}; "
+                             "drop them or pass --backend mlx")
+        return {}
+    if bits is None:
+        # As the MLX script users run today does; the tiny demo gains nothing from it.
+        bits = 4 if apple_silicon() and not is_demo else 0
+    if bits < 0:
+        raise ValueError(f"--q-bits must be 4 or 8 (0 = full precision), got {bits}")
+    out: dict[str, Any] = {}
+    if bits:
+        out["quantize"] = bits
+        if group:
+            out["q_group_size"] = group
+    return out
+
+
+def load_engine(args: argparse.Namespace) -> Engine:
+    """Load the model the flags name (any command that runs a model, and the server)."""
+    from .. import load
+
+    model, lora, tokenizer = model_location(args)
+    backend = resolve_backend(getattr(args, "backend", "auto") or "auto")
+    is_demo = model is None
+    if is_demo:
+        model = demo_weights()
+    extra = arch_overrides(args)
+    extra.update(quantize_kwargs(args, backend, is_demo=is_demo))
+    if getattr(args, "merge_lora", None):
+        extra["merge_lora"] = True
+    return load(model, backend=backend, device=getattr(args, "device", None),
+                dtype=getattr(args, "dtype", None), tokenizer=tokenizer, lora=lora, **extra)
+
+
+# ---- sampling flags --------------------------------------------------------------------------
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """--max-new-tokens, --temperature, --top-p, ... (upstream's underscore spellings too)."""
+    g = parser.add_argument_group("sampling (defaults as mlx-lm: greedy, 512 tokens)")
+    g.add_argument("--max-new-tokens", "--max_new_tokens", "--max-tokens", dest="max_new_tokens",
+                   type=int, default=512, metavar="N", help="most tokens to generate (default 512)")
+    g.add_argument("--temperature", "--temp", type=float, default=0.0,
+                   help="0 = greedy (default); upstream's eval_llm.py uses 0.85")
+    g.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=None,
+                   help="nucleus sampling threshold (default 1.0 = off)")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k likeliest tokens (0 = off)")
+    g.add_argument("--min-p", type=float, default=None, help="min-p filter (0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help="penalise recent tokens (1.0 = off)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when this text appears (repeatable)")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags as SamplingParams keyword arguments (None = library default)."""
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+            "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
+            "repetition_penalty": args.repetition_penalty, "seed": args.seed,
+            "stop": tuple(args.stop) if args.stop else None}
+
+
+# ---- chat template flags ---------------------------------------------------------------------
+
+def add_template_args(parser: argparse.ArgumentParser) -> None:
+    """--system, --chat-template-args and upstream's --open_thinking."""
+    g = parser.add_argument_group("chat template")
+    g.add_argument("--system", default=None, help="system prompt")
+    g.add_argument("--chat-template-args", type=_json_object, default=None, metavar="JSON",
+                   help="options for the chat template, e.g. '{\"enable_thinking\": false}'")
+    g.add_argument("--open-thinking", "--open_thinking", dest="open_thinking", type=int,
+                   choices=(0, 1), default=None,
+                   help="MiniMind-3: 1 leaves the <think> block open for a reasoning model")
+
+
+def template_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    out = dict(args.chat_template_args or {})
+    if args.open_thinking is not None:
+        out["open_thinking"] = bool(args.open_thinking)
+    return out
+
+
+def is_pretrain(args: argparse.Namespace) -> bool:
+    """Upstream feeds pretrain weights ``bos + prompt`` without a chat template."""
+    weight = getattr(args, "weight", None)
+    return weight is not None and "pretrain" in weight

@@ -1,0 +1,59 @@
+"""``minimind convert --to mlx|hf SRC DST``: the converters in ``converters/``, from the CLI.
+
+Same functions as ``python -m converters.to_mlx`` / ``python -m converters.to_hf``; every output
+is written atomically by the converter (an existing DST needs ``--force``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Any
+
+TARGETS = {"mlx": "converters.to_mlx", "hf": "converters.to_hf"}
+
+
+def convert(to: str, src: str, dst: str, **options: Any) -> Any:
+    """Run the ``to`` converter ("mlx" or "hf") with the options it takes."""
+    if to not in TARGETS:
+        raise ValueError(f"unknown target {to!r}; choose from {sorted(TARGETS)}")
+    if to == "hf" and (options.get("q_bits") or options.get("q_group_size")):
+        raise ValueError("--q-bits/--q-group-size are for --to mlx; a transformers folder is "
+                         "written unquantized")
+    try:
+        module = importlib.import_module(TARGETS[to])
+    except ModuleNotFoundError as e:
+        if e.name and TARGETS[to].startswith(e.name):
+            raise ImportError(f"the {to} converter ({TARGETS[to]}) is not installed here") from e
+        raise
+    if to == "hf":
+        options.pop("q_bits", None)
+        options.pop("q_group_size", None)
+    return module.convert(src, dst, **options)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--to", required=True, choices=sorted(TARGETS),
+                        help="mlx: an mlx_lm folder; hf: a transformers folder")
+    parser.add_argument("src", help="a .pth / .safetensors file or a transformers folder")
+    parser.add_argument("dst", help="the folder to write")
+    parser.add_argument("--q-bits", type=int, default=None, metavar="BITS",
+                        help="mlx: quantize to 4 or 8 bits (default: no quantization)")
+    parser.add_argument("--q-group-size", type=int, default=None, metavar="N",
+                        help="mlx: quantization group size (default 64)")
+    parser.add_argument("--dtype", default=None, help="float16, bfloat16 or float32")
+    parser.add_argument("--tokenizer", default=None, metavar="DIR",
+                        help="tokenizer folder (default: beside SRC or upstream's ../model)")
+    parser.add_argument("--lora", default=None, metavar="PATH",
+                        help="an upstream LoRA file to fuse into the weights")
+    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+
+
+def main(args: argparse.Namespace) -> int:
+    options = {"q_bits": args.q_bits, "q_group_size": args.q_group_size, "dtype": args.dtype,
+               "tokenizer": args.tokenizer, "lora": args.lora}
+    # Unset options are left out, so each converter's own defaults apply.
+    options = {k: v for k, v in options.items() if v is not None}
+    out = convert(args.to, args.src, args.dst, force=args.force, **options)
+    print(f"wrote {out if out is not None else args.dst}")
+    return 0

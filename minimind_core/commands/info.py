@@ -1,0 +1,130 @@
+"""``minimind info``: what was detected from a checkpoint, without loading a backend."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import load_checkpoint
+from ..tokenizer import find_tokenizer
+from . import common
+
+DEMO_NOTE = ("DEMO MODEL: a tiny model trained by examples/train_demo_model.py so the tools work "
+             "offline; it is not a MiniMind release. Pass --model for your own weights.")
+
+
+def describe_checkpoint(path: str | Path, tokenizer: str | Path | None = None,
+                        **overrides: Any) -> dict[str, Any]:
+    """Everything ``info`` reports about a checkpoint, as a JSON-ready dict."""
+    ckpt = load_checkpoint(path, **overrides)
+    c = ckpt.config
+    source = ckpt.source_config or {}
+    total = c.num_parameters()
+    idle = c.num_hidden_layers * (c.num_experts - c.num_experts_per_tok) * 3 * c.hidden_size * \
+        c.intermediate_size if c.use_moe else 0
+    out: dict[str, Any] = {
+        "path": str(ckpt.path),
+        "demo": bool(source.get("demo", False)),
+        "generation": c.generation,
+        "moe": c.use_moe,
+        "kind": c.kind,
+        "parameters": total,
+        "active_parameters": total - idle,
+        "hidden_size": c.hidden_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        # MiniMind2 weights cannot tell the head count; say when it is the assumed default.
+        "num_attention_heads_assumed": c.generation == "minimind2" and not (
+            {"num_attention_heads", "n_heads"} & set(source) or "num_attention_heads" in overrides),
+        "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "intermediate_size": c.intermediate_size,
+        "num_experts": c.num_experts,
+        "num_experts_per_tok": c.num_experts_per_tok if c.use_moe else 0,
+        "n_shared_experts": c.n_shared_experts,
+        "vocab_size": c.vocab_size,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "max_position_embeddings": c.max_position_embeddings,
+        "rope_theta": c.rope_theta,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_scaling": c.yarn,
+        "file_dtype": ckpt.file_dtype,
+        "file_size": ckpt.file_size,
+        "files": [str(f) for f in ckpt.files],
+    }
+    try:
+        tok = find_tokenizer(ckpt.path, tokenizer)
+        out.update(tokenizer=str(tok.path), chat_template=tok.chat_template is not None,
+                   tokenizer_error=None)
+    except (FileNotFoundError, ValueError) as e:
+        if tokenizer is not None:
+            raise  # the one the user named must work
+        out.update(tokenizer=None, chat_template=False, tokenizer_error=str(e).splitlines()[0])
+    return out
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
+def format_info(d: dict[str, Any]) -> str:
+    """The human-readable report."""
+    gen = {"minimind2": "MiniMind2", "minimind3": "MiniMind-3"}[d["generation"]]
+    heads = f"{d['num_attention_heads']}"
+    if d["num_attention_heads_assumed"]:
+        heads += " (assumed; MiniMind2 files cannot tell it: --num-attention-heads N)"
+    rows = [
+        ("path", d["path"]),
+        ("model", f"{gen} {'MoE' if d['moe'] else 'dense'}"),
+        ("parameters", _count(d["parameters"]) + (
+            f" ({_count(d['active_parameters'])} active per token)" if d["moe"] else "")),
+        ("hidden size", d["hidden_size"]),
+        ("layers", d["num_hidden_layers"]),
+        ("heads", heads),
+        ("kv heads", d["num_key_value_heads"]),
+        ("head dim", d["head_dim"]),
+        ("FFN", d["intermediate_size"]),
+        ("experts", f"{d['num_experts']} routed, top-{d['num_experts_per_tok']}, "
+                    f"{d['n_shared_experts']} shared" if d["moe"] else "none (dense)"),
+        ("vocab", d["vocab_size"]),
+        ("tied head", "yes" if d["tie_word_embeddings"] else "no"),
+        ("context", f"{d['max_position_embeddings']} tokens, rope theta {d['rope_theta']:g}, "
+                    f"YaRN {'on' if d['rope_scaling'] else 'off'}"),
+        ("rms eps", f"{d['rms_norm_eps']:g}"),
+        ("dtype in file", d["file_dtype"]),
+        ("file size", _size(d["file_size"])),
+        ("tokenizer", f"{d['tokenizer']} (chat template: {'yes' if d['chat_template'] else 'no'})"
+                      if d["tokenizer"] else f"not found: {d['tokenizer_error']}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [DEMO_NOTE] if d["demo"] else []
+    lines += [f"{k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", nargs="?", default=None,
+                        help="the checkpoint (same as --model; default: the embedded demo model)")
+    parser.add_argument("--json", action="store_true", help="print a JSON object")
+    common.add_model_args(parser, runtime=False)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.path is not None:
+        if args.model is not None:
+            raise ValueError("give the checkpoint once: as PATH or as --model, not both")
+        args.model = args.path
+    model, _, tokenizer = common.model_location(args)
+    d = describe_checkpoint(model or common.demo_weights(), tokenizer, **common.arch_overrides(args))
+    print(json.dumps(d, ensure_ascii=False, indent=2) if args.json else format_info(d))
+    return 0
