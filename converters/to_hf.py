@@ -13,7 +13,6 @@ reader (``load_checkpoint``) → normalise (optional LoRA merge, dtype) → writ
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -26,37 +25,9 @@ from minimind_core import __version__
 from minimind_core.checkpoint import load_checkpoint
 from minimind_core.config import ModelConfig, to_hf_config
 from minimind_core.lora import load_lora, merge_into
-from minimind_core.tokenizer import find_tokenizer
+from minimind_core.tokenizer import Tokenizer, find_tokenizer
 
-try:
-    from .common import atomic_dir, copy_tokenizer
-except ImportError:  # TEMPORARY until converters/common.py lands (then this block goes)
-    import contextlib
-    import os
-    import shutil
-    import tempfile
-
-    @contextlib.contextmanager
-    def atomic_dir(dst, force=False):
-        dst = Path(dst)
-        if dst.exists() and not force:
-            raise FileExistsError(f"{dst} exists; pass --force to replace it")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-        try:
-            yield tmp
-            if dst.exists():
-                shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-            os.replace(tmp, dst)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-    def copy_tokenizer(src, dst):
-        for f in Path(src).iterdir():
-            if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "chat_template"))
-                                or f.suffix == ".jinja"):
-                shutil.copy2(f, Path(dst) / f.name)
+from .common import Progress, atomic_dir, copy_tokenizer, folder_size, sha256_files
 
 DTYPES = ("float32", "float16", "bfloat16")
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
@@ -89,55 +60,77 @@ def resolve_dtype(dtype: str | None, file_dtype: str = "float32") -> str:
 
 
 def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None,
-            tokenizer: str | Path | None = None, lora: str | Path | None = None,
-            force: bool = False, overrides: Mapping[str, Any] | None = None) -> Path:
+            tokenizer: str | Path | Tokenizer | None = None, lora: str | Path | None = None,
+            force: bool = False, overrides: Mapping[str, Any] | None = None,
+            progress: bool = True) -> Path:
     """Write ``src`` (.pth, .safetensors, transformers or MLX folder) as a transformers folder.
 
-    dtype: float32 / float16 / bfloat16, or None to keep the source's. tokenizer: a folder; by
-    default found beside the weights or in upstream's ``model/``. lora: an upstream LoRA file
-    merged (``W + B @ A``) before writing. overrides: ModelConfig fields (e.g. top-k). ``dst``
-    is written atomically; an existing one needs ``force=True``. Returns ``dst``.
+    dtype: float32 / float16 / bfloat16, or None/"auto" to keep the source's. tokenizer: a folder;
+    by default found beside the weights or in upstream's ``model/``. lora: an upstream LoRA file
+    merged (``W + B @ A``) before writing. overrides: ModelConfig fields (e.g. top-k,
+    ``inference_rope_scaling=True`` to write YaRN). An existing ``dst`` needs ``force=True``; the
+    folder appears only once complete. progress: one line per step on stderr. Returns ``dst``.
     """
-    resolve_dtype(dtype)  # reject a bad dtype before any reading
-    dst = Path(dst).expanduser()
+    # Every argument is checked before anything is read or written.
+    resolve_dtype(dtype)
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    if not src.exists():
+        raise FileNotFoundError(f"source not found: {src} (expected a .pth/.safetensors file or "
+                                f"a model folder)")
     if dst.exists() and not force:
         raise FileExistsError(f"{dst} exists; pass force=True (CLI: --force) to replace it")
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise ValueError(f"destination {dst} is the source or inside it; pick another folder")
+    say = Progress("to_hf", enabled=progress)
+
+    say(f"reading {src}")
     ckpt = load_checkpoint(src, **dict(overrides or {}))
     out_dtype = resolve_dtype(dtype, ckpt.file_dtype)
-    weights = ckpt.weights
-    adapter = None
+    tok = find_tokenizer(ckpt.path, tokenizer)
+    weights, adapter = ckpt.weights, None
     if lora is not None:
+        say(f"merging LoRA {lora}")
         adapter = load_lora(lora, ckpt.config)
         weights = merge_into(weights, adapter)
-    tok = find_tokenizer(ckpt.path, tokenizer)
     config = hf_config(ckpt.config, out_dtype, source=ckpt.path, files=ckpt.files,
                        lora=adapter.path if adapter else None)
+    say(f"writing {dst} ({config['architectures'][0]}, {out_dtype})")
     with atomic_dir(dst, force) as tmp:
         write_safetensors(hf_weights(weights), tmp / WEIGHTS_FILE, out_dtype)
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "generation_config.json", generation_config(ckpt.config))
-        copy_tokenizer(tok.path, tmp)
+        copy_tokenizer(tok, tmp)
         if config["model_type"] == "minimind":
             (tmp / "README.md").write_text(MINIMIND2_MOE_NOTE.format(
                 name=dst.name, k=ckpt.config.num_experts_per_tok), encoding="utf-8")
+    say.done(f"wrote {dst} ({folder_size(dst) / 1e6:.1f} MB)")
     return dst
 
 
 def hf_config(config: ModelConfig, dtype: str, *, source: Path | None = None,
               files: Sequence[Path] = (), lora: Path | None = None) -> dict[str, Any]:
-    """config.json: ``to_hf_config`` plus dtype, YaRN when switched on, and a provenance block."""
+    """config.json: ``to_hf_config`` plus dtype, YaRN when switched on, and a ``minimind`` block.
+
+    transformers' YaRN equals upstream's (FORMATS.md) with ``attention_factor`` 1.0, so a model
+    loaded with ``inference_rope_scaling=True`` is exported with it.
+    """
     out = to_hf_config(config)
     out["dtype"] = dtype
     yarn = config.yarn
     if yarn and "rope_scaling" not in out:
         out["rope_scaling"] = {"rope_type": "yarn", **{k: v for k, v in yarn.items() if k != "type"}}
+        out["inference_rope_scaling"] = True  # upstream's own switch, so our reader turns it on
+    files = [Path(f) for f in files if Path(f).is_file()]
     out["minimind"] = {
+        "format": "hf",
         "converter": f"minimind-core {__version__} converters.to_hf",
         "generation": config.generation,
         "kind": config.kind,
+        "dtype": dtype,
         "source": str(source) if source else None,
-        "source_sha256": _sha256(files[0]) if len(files) == 1 and files[0].is_file() else None,
+        "source_sha256": sha256_files(files) if files else None,
         "lora": str(lora) if lora else None,
+        "config": config.to_dict(),
     }
     return out
 
@@ -192,44 +185,40 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # --- command line ---------------------------------------------------------------------------------
 
-def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("src", help=".pth / .safetensors file, transformers or MLX folder")
-    parser.add_argument("dst", help="output folder (must not exist unless --force)")
-    parser.add_argument("--dtype", default="auto",
-                        help="float32, float16, bfloat16 or auto (the source's; default)")
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: found beside the weights)")
-    parser.add_argument("--lora", help="upstream LoRA file to merge into the weights")
+def configure_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The converter's arguments (also used by ``minimind convert --to hf``)."""
+    parser = parser or argparse.ArgumentParser(
+        prog="python -m converters.to_hf",
+        description="Convert a MiniMind checkpoint (.pth, .safetensors, transformers or MLX "
+                    "folder) into a folder that transformers' AutoModelForCausalLM loads.")
+    parser.add_argument("src", help="a .pth / .safetensors file or a model folder")
+    parser.add_argument("dst", help="the transformers folder to write")
+    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                        help="dtype of the weights (default: the source's)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer folder (default: beside SRC or in upstream's model/)")
+    parser.add_argument("--lora", default=None, help="an upstream LoRA file to merge first")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
-    parser.add_argument("--top-k", type=int, dest="num_experts_per_tok",
-                        help="MoE router top-k (not stored in .pth files)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = configure_parser(argparse.ArgumentParser(
-        prog="python -m converters.to_hf", description=__doc__.splitlines()[0]))
-    args = parser.parse_args(argv)
-    overrides = {"num_experts_per_tok": args.num_experts_per_tok} if args.num_experts_per_tok else {}
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command line; errors are one line on stderr and exit status 1."""
     try:
-        dst = convert(args.src, args.dst, dtype=args.dtype, tokenizer=args.tokenizer,
-                      lora=args.lora, force=args.force, overrides=overrides)
+        convert(args.src, args.dst, dtype=args.dtype, tokenizer=args.tokenizer, lora=args.lora,
+                force=args.force, progress=not args.quiet)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    model_type = json.loads((dst / "config.json").read_text())["model_type"]
-    print(f"wrote {dst} (model_type {model_type})")
+        return 1
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(configure_parser().parse_args(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
