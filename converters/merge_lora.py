@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     tokenizer=args.tokenizer, force=args.force)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
     print(f"wrote {dst}")
     return 0
 
