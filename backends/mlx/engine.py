@@ -1,0 +1,285 @@
+"""MlxEngine: the Engine interface on Apple MLX, with mlx_lm's generation loop, samplers and caches.
+
+Prompt ids always come from the shared ChatFormatter (the Engine base class), never from
+mlx_lm's tokenizer wrapper, so both backends feed the model the same ids. One prompt runs
+through ``mlx_lm.generate_step``; a batch of several runs as one left-padded batch
+(``BatchKVCache``) in a small loop here, with the same mlx_lm sampler and logits processors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import BatchKVCache
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from minimind_core.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_keys,
+    load_checkpoint,
+    normalize_weights,
+    read_safetensors,
+)
+from minimind_core.config import config_from_json, infer_config
+from minimind_core.engine import Engine
+from minimind_core.params import SamplingParams
+from minimind_core.tokenizer import Tokenizer, find_tokenizer
+
+from .load import (
+    WEIGHTS_FILE,
+    build_model,
+    check_quantization,
+    dtype_name,
+    is_quantized_folder,
+    load_quantized_folder,
+    parse_dtype,
+    quantization_of,
+)
+from .load import quantize as quantize_weights
+from .model import Model
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+FILE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def resolve_device(device: str | mx.Device | None) -> mx.Device:
+    """Auto: the GPU (Metal) when MLX sees one, else the CPU."""
+    if isinstance(device, mx.Device):
+        return device
+    gpu = mx.is_available(mx.gpu)
+    if device in (None, "auto"):
+        return mx.gpu if gpu else mx.cpu
+    if device == "cpu":
+        return mx.cpu
+    if device in ("gpu", "metal", "mps", "cuda"):
+        if not gpu:
+            raise ValueError(f"device {device!r} asked for, but MLX sees no GPU here; use "
+                             f"device='cpu' (or leave it on auto)")
+        return mx.gpu
+    raise ValueError(f"unknown device {device!r} for the mlx backend; use cpu, gpu or auto")
+
+
+def resolve_dtype(dtype: str | mx.Dtype | None, device: mx.Device, file_dtype: str) -> mx.Dtype:
+    """Auto: fp32 on the CPU; on the GPU fp16 (bf16 when the file is bf16), as the torch backend on MPS."""
+    if dtype not in (None, "auto"):
+        return parse_dtype(dtype)
+    if device == mx.cpu:
+        return mx.float32
+    return mx.bfloat16 if file_dtype == "bfloat16" else mx.float16
+
+
+def cache_root() -> Path:
+    """Where ``.pth`` files converted on the fly are kept: ``$MINIMIND_CACHE/mlx`` or ``~/.cache/minimind-core/mlx``."""
+    base = os.environ.get("MINIMIND_CACHE") or Path.home() / ".cache" / "minimind-core"
+    return Path(base).expanduser() / "mlx"
+
+
+class MlxEngine(Engine):
+    """MiniMind on MLX. Build with ``minimind_core.load(path, backend="mlx")``."""
+
+    backend = "mlx"
+
+    def __init__(self, model: Model, tokenizer: Tokenizer, *, device: mx.Device | None = None,
+                 name: str = "minimind", info: dict[str, Any] | None = None) -> None:
+        super().__init__(model.args, tokenizer, name=name, info=info)
+        self.model = model
+        self.device = device or mx.default_device()
+        # All work runs on this stream, so the engine never changes MLX's global default device.
+        self._stream = mx.new_thread_local_stream(self.device)
+        self._cache: list | None = None
+
+    @classmethod
+    def load(cls, path: str | Path, *, device=None, dtype=None, tokenizer=None, lora=None,
+             merge_lora: bool = False, quantize: int | None = None, q_group_size: int = 64,
+             **overrides: Any) -> MlxEngine:
+        """Load an MLX folder (quantized or not), a transformers folder, a ``.safetensors`` file or
+        a ``.pth`` file (converted once into a cache folder keyed by its sha256).
+
+        device: "cpu", "gpu" or auto (gpu when Metal is there). dtype: float32 / float16 /
+        bfloat16; auto = fp32 on the CPU, fp16 on the GPU (bf16 for bf16 files); a quantized
+        folder keeps its own unless asked. quantize: 4 or 8 bits (None/0 = full precision),
+        ``q_group_size`` 32/64/128. Any ModelConfig field may be overridden.
+        """
+        dev = resolve_device(device)
+        bits = check_quantization(quantize, q_group_size)
+        if dtype not in (None, "auto"):
+            parse_dtype(dtype)  # reject a bad dtype before reading anything
+        path = Path(path).expanduser()
+        info: dict[str, Any] = {"path": str(path)}
+        if is_quantized_folder(path):
+            model = load_quantized_folder(path, overrides)
+            if dtype not in (None, "auto"):
+                model.set_dtype(parse_dtype(dtype))
+            tok = find_tokenizer(path, tokenizer)
+            info["file_dtype"] = "quantized"
+        else:
+            ckpt, cached = load_source(path, overrides)
+            dt = resolve_dtype(dtype, dev, ckpt.file_dtype)
+            model = build_model(ckpt, dt)
+            tok = find_tokenizer(ckpt.path, tokenizer)
+            info["file_dtype"] = ckpt.file_dtype
+            if cached is not None:
+                info["mlx_cache"] = str(cached)
+        if bits is not None:
+            have = quantization_of(model)
+            if have is None:
+                quantize_weights(model, bits, q_group_size)
+            elif (have["bits"], have["group_size"]) != (bits, q_group_size):
+                raise ValueError(f"{path} is already quantized ({have['bits']} bits, group "
+                                 f"{have['group_size']}); load a full-precision source to use "
+                                 f"quantize={bits}, q_group_size={q_group_size}")
+        # the norms stay floating point in a quantized model, so they tell the compute dtype
+        info.update({"device": "gpu" if dev == mx.gpu else "cpu",
+                     "dtype": dtype_name(model.model.norm.weight.dtype),
+                     "quantization": quantization_of(model), "tokenizer": str(tok.path)})
+        name = path.stem if path.is_file() else path.name
+        engine = cls(model, tok, device=dev, name=name or "minimind", info=info)
+        if lora is not None:
+            engine.set_lora(lora, merge=merge_lora)
+        return engine
+
+    def set_lora(self, lora: Any, merge: bool = False) -> None:
+        """Apply (or with None remove) a LoRA adapter; implemented in backends.mlx.lora."""
+        from .lora import set_lora
+
+        set_lora(self, lora, merge=merge)
+
+    # ---- the token loop -------------------------------------------------------------------
+    def _steps(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[np.ndarray]:
+        if params.seed is not None:
+            mx.random.seed(params.seed)
+        sampler = make_sampler(temp=params.temperature, top_p=params.top_p, min_p=params.min_p,
+                               top_k=params.top_k)
+        processors = make_logits_processors(
+            repetition_penalty=None if params.repetition_penalty == 1.0 else params.repetition_penalty,
+            repetition_context_size=params.repetition_context_size or self.config.max_position_embeddings)
+        if len(prompts) > 1:
+            yield from self._batch_steps(prompts, sampler, processors)
+            return
+        steps = generate_step(mx.array(prompts[0], dtype=mx.int32), self.model, stream=self._stream,
+                              max_tokens=-1, sampler=sampler, logits_processors=processors)
+        try:
+            for token, _ in steps:
+                yield np.array([token], dtype=np.int64)
+        finally:
+            steps.close()
+
+    def _batch_steps(self, prompts, sampler, processors) -> Iterator[np.ndarray]:
+        """Several prompts as one left-padded batch; per-row history for the repetition penalty."""
+        histories = [list(p) for p in prompts]
+        logits = self._prefill(prompts, 0)
+        while True:
+            with mx.stream(self._stream):
+                if processors:
+                    rows = []
+                    for i, history in enumerate(histories):
+                        row, seen = logits[i:i + 1], mx.array(history, dtype=mx.int32)
+                        for process in processors:
+                            row = process(seen, row)
+                        rows.append(row)
+                    logits = mx.concatenate(rows, axis=0)
+                logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+                tokens = np.array(sampler(logprobs), dtype=np.int64)
+            yield tokens
+            for history, token in zip(histories, tokens, strict=True):
+                history.append(int(token))
+            logits = self._decode(tokens)
+
+    # ---- backend steps (also what the batch loop and parity tests use) --------------------
+    def _prefill(self, prompts: list[list[int]], max_len: int) -> mx.array:
+        longest = max(map(len, prompts))
+        pads = [longest - len(p) for p in prompts]
+        pad_id = self.config.pad_token_id
+        ids = mx.array([[pad_id] * n + list(p) for n, p in zip(pads, prompts, strict=True)], dtype=mx.int32)
+        if len(prompts) == 1:
+            self._cache = self.model.make_cache()
+        else:
+            self._cache = [BatchKVCache(pads) for _ in self.model.layers]
+        with mx.stream(self._stream):
+            logits = self.model(ids, self._cache)[:, -1]
+            mx.eval(logits)
+        return logits
+
+    def _decode(self, tokens: np.ndarray) -> mx.array:
+        ids = mx.array(np.asarray(tokens, dtype=np.int32))[:, None]
+        with mx.stream(self._stream):
+            logits = self.model(ids, self._cache)[:, -1]
+            mx.eval(logits)
+        return logits
+
+    def _logits(self, ids: list[int]) -> np.ndarray:
+        with mx.stream(self._stream):
+            out = self.model(mx.array([ids], dtype=mx.int32))[0].astype(mx.float32)
+            mx.eval(out)
+        return np.array(out)
+
+    def _to_numpy(self, logits: mx.array) -> np.ndarray:
+        return np.array(logits.astype(mx.float32))
+
+
+# ---- sources ----------------------------------------------------------------------------------
+
+def load_source(path: Path, overrides: Mapping[str, Any]) -> tuple[Checkpoint, Path | None]:
+    """A full-precision checkpoint; ``.pth`` files go through the sha256-keyed cache.
+
+    Returns the checkpoint and the cache folder used (None when the source was read directly).
+    """
+    if path.is_file() and path.suffix.lower() in TORCH_SUFFIXES:
+        return _load_pth_cached(path, overrides)
+    return load_checkpoint(path, **overrides), None
+
+
+def _load_pth_cached(path: Path, overrides: Mapping[str, Any]) -> tuple[Checkpoint, Path | None]:
+    """Read a ``.pth`` once (needs torch), keep its weights as an MLX folder, reuse it after that.
+
+    The cache holds weights only, in the file's own dtype (lossless); the config is inferred on
+    every load exactly as ``load_checkpoint`` does for the ``.pth`` (shapes, the config.json
+    beside it, the caller's overrides), so overrides never stick to the cache.
+    """
+    from converters.common import sha256_file
+
+    folder = cache_root() / sha256_file(path)
+    if (folder / WEIGHTS_FILE).is_file():
+        try:
+            return _read_cache(folder, path, overrides), folder
+        except (CheckpointError, OSError, ValueError, KeyError):
+            pass  # a damaged cache entry: convert again below
+    ckpt = load_checkpoint(path, **overrides)
+    try:
+        _write_cache(ckpt, folder)
+    except OSError as e:
+        warnings.warn(f"could not cache the MLX conversion of {path} in {folder} ({e}); "
+                      f"set MINIMIND_CACHE to a writable folder to make later loads faster",
+                      stacklevel=3)
+        return ckpt, None
+    return ckpt, folder
+
+
+def _write_cache(ckpt: Checkpoint, folder: Path) -> None:
+    from converters.to_mlx import write_folder
+
+    file_dtype = ckpt.file_dtype if ckpt.file_dtype in FILE_DTYPES else "float32"
+    model = build_model(ckpt, parse_dtype(file_dtype))
+    write_folder(model, folder, dtype=file_dtype, source=ckpt.path, source_files=ckpt.files,
+                 tokenizer=None, force=True)
+
+
+def _read_cache(folder: Path, source: Path, overrides: Mapping[str, Any]) -> Checkpoint:
+    meta = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("minimind", {})
+    weights, _ = normalize_weights(read_safetensors(folder / WEIGHTS_FILE), folder)
+    beside = source.parent / "config.json"
+    source_config = json.loads(beside.read_text(encoding="utf-8")) if beside.is_file() else None
+    hints = config_from_json(source_config) if source_config else {}
+    config = infer_config({k: tuple(v.shape) for k, v in weights.items()}, hints=hints,
+                          overrides=overrides)
+    check_keys(weights, config, source)
+    return Checkpoint(config, weights, source, [source], meta.get("dtype", "float32"), source_config)

@@ -1,0 +1,207 @@
+"""Any MiniMind checkpoint → an mlx_lm folder (``python -m converters.to_mlx SRC DST``).
+
+SRC: a ``.pth`` / ``.safetensors`` file or a transformers / MLX folder. DST gets ``config.json``
+(model_type ``llama`` for dense MiniMind2, ``qwen3`` for dense MiniMind-3, ``qwen3_moe`` for
+MiniMind-3-MoE, so stock ``mlx_lm.load`` runs them; ``minimind`` for MiniMind2-MoE, which only
+minimind-core loads), ``model.safetensors`` (shards plus an index above 5 GiB), the tokenizer
+files with the chat template, and with ``--q-bits`` mlx_lm's quantization block.
+
+reader (``load_checkpoint``) → normalise (optional LoRA merge, dtype, quantize) → writer
+(atomic: a temporary sibling folder renamed into place).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from minimind_core import __version__
+from minimind_core.checkpoint import load_checkpoint
+from minimind_core.config import to_hf_config
+from minimind_core.tokenizer import Tokenizer, find_tokenizer
+
+from .common import Progress, atomic_dir, copy_tokenizer, folder_size, sha256_files
+
+CONVERTER_VERSION = 1
+DTYPES = ("float16", "bfloat16", "float32")
+
+MINIMIND2_MOE_NOTE = """\
+# {name} (MiniMind2-MoE, MLX)
+
+MiniMind2-MoE (routed experts **plus shared experts**) has no stock mlx_lm architecture, so
+`config.json` says `model_type: "minimind"` and `mlx_lm.load` cannot run this folder. Load it
+with minimind-core:
+
+    from minimind_core import load
+    engine = load("{name}", backend="mlx")
+
+Routed experts are stacked as mlx_lm does (`mlp.switch_mlp.{{gate,up,down}}_proj.weight`,
+[experts, out, in]); shared experts keep upstream's names (`mlp.shared_experts.S.*`).
+"""
+
+
+def convert(src: str | Path, dst: str | Path, *, q_bits: int | None = None, q_group_size: int = 64,
+            dtype: str = "float16", tokenizer: str | Path | Tokenizer | None = None,
+            lora: str | Path | None = None, force: bool = False,
+            overrides: Mapping[str, Any] | None = None, progress: bool = True,
+            lora_adapter_out: str | Path | None = None) -> Path:
+    """Write ``src`` as an mlx_lm-compatible folder at ``dst`` and return ``dst``.
+
+    q_bits: 4 or 8 to quantize (None/0 = keep ``dtype``), with ``q_group_size`` 32/64/128.
+    dtype: float16 (default, what mlx_lm users run), bfloat16 or float32. tokenizer: a folder;
+    by default found beside the weights or in upstream's ``model/``. lora: an upstream LoRA file
+    merged (``W + B @ A``) before converting. overrides: ModelConfig fields (e.g. top-k). An
+    existing ``dst`` needs ``force=True``; the folder appears only once complete. progress:
+    one line per step on stderr. lora_adapter_out: instead of merging ``lora``, write it as an
+    mlx_lm adapter folder there (``mlx_lm.load(dst, adapter_path=lora_adapter_out)``).
+    """
+    from backends.mlx.load import build_model, check_quantization, parse_dtype, quantize
+
+    # Every argument is checked before anything is read or written.
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    bits = check_quantization(q_bits, q_group_size)
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    if not src.exists():
+        raise FileNotFoundError(f"source not found: {src} (expected a .pth/.safetensors file or "
+                                f"a model folder)")
+    if dst.exists() and not force:
+        raise FileExistsError(f"{dst} exists; pass force=True (CLI: --force) to replace it")
+    if lora_adapter_out is not None and lora is None:
+        raise ValueError("lora_adapter_out (--lora-adapter-out) needs the adapter: pass lora= (--lora)")
+    if lora_adapter_out is not None and Path(lora_adapter_out).expanduser().exists() and not force:
+        raise FileExistsError(f"{lora_adapter_out} exists; pass force=True (CLI: --force)")
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise ValueError(f"destination {dst} is the source or inside it; pick another folder")
+    say = Progress("to_mlx", enabled=progress)
+
+    say(f"reading {src}")
+    ckpt = load_checkpoint(src, **dict(overrides or {}))
+    tok = find_tokenizer(ckpt.path, tokenizer)
+    adapter = None
+    if lora is not None:
+        from minimind_core.lora import load_lora, merge_into
+
+        adapter = load_lora(lora, ckpt.config)
+        if lora_adapter_out is None:
+            say(f"merging LoRA {lora}")
+            ckpt.weights = merge_into(ckpt.weights, adapter)
+    say(f"building the MLX model ({ckpt.config.kind}, {ckpt.config.num_parameters() / 1e6:.1f}M "
+        f"parameters) in {dtype}")
+    model = build_model(ckpt, parse_dtype(dtype))
+    quantization = None
+    if bits is not None:
+        say(f"quantizing to {bits} bits (group size {q_group_size})")
+        quantization = quantize(model, bits, q_group_size)
+    say(f"writing {dst}")
+    write_folder(model, dst, dtype=dtype, quantization=quantization, source=ckpt.path,
+                 source_files=ckpt.files, tokenizer=tok, force=force,
+                 lora=adapter.path if adapter is not None and lora_adapter_out is None else None)
+    if lora_adapter_out is not None:
+        from backends.mlx.lora import write_adapter
+
+        say(f"writing the mlx_lm adapter folder {lora_adapter_out}")
+        write_adapter(adapter, ckpt.config, Path(lora_adapter_out).expanduser(), force=force)
+    say.done(f"wrote {dst} ({folder_size(dst) / 1e6:.1f} MB)")
+    return dst
+
+
+def write_folder(model: Any, dst: Path, *, dtype: str, quantization: Mapping[str, Any] | None = None,
+                 source: Path | None = None, source_files: Sequence[Path] = (),
+                 tokenizer: Tokenizer | None = None, force: bool = False,
+                 lora: Path | None = None) -> Path:
+    """Write an MLX model (``backends.mlx.model.Model``) as a folder, atomically."""
+    from backends.mlx.load import save_weights
+
+    config = mlx_config(model.args, dtype, quantization=quantization, source=source,
+                        source_files=source_files, lora=lora)
+    with atomic_dir(dst, force) as tmp:
+        save_weights(model, tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                         encoding="utf-8")
+        if tokenizer is not None:
+            copy_tokenizer(tokenizer, tmp)
+        if config["model_type"] == "minimind":
+            (tmp / "README.md").write_text(MINIMIND2_MOE_NOTE.format(name=Path(dst).name),
+                                           encoding="utf-8")
+    return dst
+
+
+def mlx_config(config: Any, dtype: str, *, quantization: Mapping[str, Any] | None = None,
+               source: Path | None = None, source_files: Sequence[Path] = (),
+               lora: Path | None = None) -> dict[str, Any]:
+    """config.json: ``to_hf_config``, mlx_lm's quantization block, and a ``minimind`` block.
+
+    YaRN is an inference-time switch (``load(..., inference_rope_scaling=True)``) and is not
+    written as ``rope_scaling``: stock mlx_lm's YaRN differs from upstream's (it scales attention).
+    """
+    out = to_hf_config(config)
+    out["torch_dtype"] = dtype
+    if quantization is not None:
+        # mlx_lm writes the block twice (``quantization`` and, for HF tools, ``quantization_config``).
+        out["quantization"] = dict(quantization)
+        out["quantization_config"] = dict(quantization)
+    files = [Path(f) for f in source_files if Path(f).is_file()]
+    out["minimind"] = {
+        "format": "mlx",
+        "converter": f"minimind-core {__version__} converters.to_mlx v{CONVERTER_VERSION}",
+        "generation": config.generation,
+        "kind": config.kind,
+        "dtype": dtype,
+        "source": str(source) if source else None,
+        "source_sha256": sha256_files(files) if files else None,
+        "lora": str(lora) if lora else None,
+        "config": {k: v for k, v in config.to_dict().items()
+                   if k not in ("inference_rope_scaling", "rope_scaling")},
+    }
+    return out
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+def configure_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The converter's arguments (also used by ``minimind convert --to mlx``)."""
+    parser = parser or argparse.ArgumentParser(
+        prog="python -m converters.to_mlx",
+        description="Convert a MiniMind checkpoint (.pth, .safetensors, transformers folder) "
+                    "into a folder that mlx_lm and minimind-core load.")
+    parser.add_argument("src", help="a .pth / .safetensors file or a model folder")
+    parser.add_argument("dst", help="the MLX folder to write")
+    parser.add_argument("--q-bits", type=int, default=0, choices=(0, 4, 8),
+                        help="quantize to 4 or 8 bits (0 = full precision, the default)")
+    parser.add_argument("--q-group-size", type=int, default=64, choices=(32, 64, 128),
+                        help="quantization group size (default 64)")
+    parser.add_argument("--dtype", default="float16", choices=DTYPES,
+                        help="dtype of the unquantized weights (default float16)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer folder (default: beside SRC or in upstream's model/)")
+    parser.add_argument("--lora", default=None, help="an upstream LoRA file to merge first")
+    parser.add_argument("--lora-adapter-out", default=None, metavar="DIR",
+                        help="with --lora: write it as an mlx_lm adapter folder instead of merging")
+    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command line; errors are one line on stderr and exit status 1."""
+    try:
+        convert(args.src, args.dst, q_bits=args.q_bits or None, q_group_size=args.q_group_size,
+                dtype=args.dtype, tokenizer=args.tokenizer, lora=args.lora, force=args.force,
+                progress=not args.quiet, lora_adapter_out=args.lora_adapter_out)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(configure_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
