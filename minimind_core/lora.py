@@ -237,9 +237,3 @@ def load_lora(lora: str | Path | LoRA, config: ModelConfig) -> LoRA:
     validate_lora(lora, config)
     return lora
 
-
-def upstream_lora_path(name: str, weights_path: str | Path, config: ModelConfig) -> Path:
-    """Upstream's ``eval_llm.py --lora_weight NAME``: ``out/lora/NAME_{hidden}.pth`` beside ``out/``."""
-    weights_path = Path(weights_path)
-    out_dir = weights_path.parent if weights_path.is_file() or weights_path.suffix else weights_path
-    return out_dir / "lora" / f"{name}_{config.hidden_size}.pth"

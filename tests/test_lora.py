@@ -19,7 +19,7 @@ from test_torch_parity import hf_model  # noqa: E402  (the shared transformers r
 
 from converters import merge_lora  # noqa: E402
 from minimind_core import load  # noqa: E402
-from minimind_core.lora import LoraError, read_lora, upstream_lora_path  # noqa: E402
+from minimind_core.lora import LoraError, read_lora  # noqa: E402
 
 PROMPT = [1, 5, 77, 200, 31, 9, 402, 17, 88, 3, 250, 11]
 KINDS = ["minimind2", "minimind3", "minimind2-moe", "minimind3-moe"]
@@ -279,8 +279,25 @@ def test_merge_lora_refuses_bad_input(make_checkpoint, tmp_path, capsys):
     assert dst.read_bytes() != b"keep me"
 
 
-def test_upstream_lora_weight_name(tmp_path):
-    config = tiny_config("minimind2", hidden_size=512, head_dim=64)
-    weights = tmp_path / "out" / "full_sft_512.pth"
-    assert upstream_lora_path("lora_identity", weights, config) == (
-        tmp_path / "out" / "lora" / "lora_identity_512.pth")
+
+@pytest.mark.cuda
+def test_adapter_swaps_reach_cuda_graph_decoding(make_checkpoint):
+    """On CUDA the decode step replays a captured graph: every swap must be seen there too."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    path, config, _ = make_checkpoint("minimind3")
+    a = save_lora(lora_state(config, seed=1), path.parent / "lora" / "a_128.pth")
+    b = save_lora(lora_state(config, seed=2), path.parent / "lora" / "b_128.pth")
+
+    def tokens(engine):
+        return engine.generate(PROMPT, max_new_tokens=16, temperature=0).token_ids
+
+    def fresh(lora, merge):
+        return tokens(load(path, backend="torch", device="cuda", dtype="float32", lora=lora,
+                           merge_lora=merge))
+
+    engine = load(path, backend="torch", device="cuda", dtype="float32")
+    assert engine.info["decode"] == "graph"
+    for lora, merge in [(None, False), (a, False), (b, False), (a, True), (b, True), (None, False)]:
+        engine.set_lora(lora, merge=merge)
+        assert tokens(engine) == fresh(lora, merge), (lora, merge)
