@@ -187,6 +187,18 @@ def test_safetensors_lora_file(make_checkpoint, tmp_path):
     assert np.abs(got - formula).max() <= 1e-4
 
 
+
+@pytest.mark.parametrize("generation,hidden,layers,moe", [
+    ("minimind2", 512, 8, False), ("minimind2", 768, 16, False), ("minimind2", 640, 8, True),
+    ("minimind3", 768, 8, False), ("minimind3", 768, 8, True)])
+def test_square_linears_of_the_released_models_are_q_and_o(generation, hidden, layers, moe):
+    """FORMATS.md: in every release upstream's apply_lora hits exactly q_proj and o_proj."""
+    from minimind_core.config import ModelConfig
+    from minimind_core.lora import square_modules
+
+    config = ModelConfig.for_generation(generation, hidden, layers, use_moe=moe)
+    assert sorted(square_modules(config)) == sorted(square_linears(config))
+
 # --- mismatches: one message naming the first bad module and both shapes ---------------------
 
 def test_lora_for_another_hidden_size(make_checkpoint, tmp_path):
