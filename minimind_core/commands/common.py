@@ -128,8 +128,14 @@ def add_model_args(parser: argparse.ArgumentParser, *, runtime: bool = True,
     are left out.
     """
     def add(group: argparse._ActionsContainer, *names: str, **kw: Any) -> None:
-        if not any(n in skip for n in names):
-            group.add_argument(*names, **kw)
+        kept = [n for n in names if n not in skip]
+        if not kept:
+            return
+        if len(kept) < len(names):  # e.g. the caller has --model but not -m: alias the same dest
+            long = next(n for n in names if n.startswith("--"))
+            kw.setdefault("dest", long[2:].replace("-", "_"))
+            kw["default"] = argparse.SUPPRESS  # the caller's flag sets the default
+        group.add_argument(*kept, **kw)
 
     g = parser.add_argument_group("model")
     add(g, "-m", "--model", default=None, metavar="PATH",

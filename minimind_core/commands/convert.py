@@ -10,6 +10,8 @@ import argparse
 import importlib
 from typing import Any
 
+from . import common
+
 TARGETS = {"mlx": "converters.to_mlx", "hf": "converters.to_hf"}
 
 
@@ -17,9 +19,10 @@ def convert(to: str, src: str, dst: str, **options: Any) -> Any:
     """Run the ``to`` converter ("mlx" or "hf") with the options it takes."""
     if to not in TARGETS:
         raise ValueError(f"unknown target {to!r}; choose from {sorted(TARGETS)}")
-    if to == "hf" and (options.get("q_bits") or options.get("q_group_size")):
-        raise ValueError("--q-bits/--q-group-size are for --to mlx; a transformers folder is "
-                         "written unquantized")
+    if to == "hf" and (options.get("q_bits") or options.get("q_group_size")
+                       or options.get("lora_adapter_out")):
+        raise ValueError("--q-bits/--q-group-size/--lora-adapter-out are for --to mlx; a "
+                         "transformers folder is written unquantized, with any LoRA fused")
     try:
         module = importlib.import_module(TARGETS[to])
     except ModuleNotFoundError as e:
@@ -27,8 +30,8 @@ def convert(to: str, src: str, dst: str, **options: Any) -> Any:
             raise ImportError(f"the {to} converter ({TARGETS[to]}) is not installed here") from e
         raise
     if to == "hf":
-        options.pop("q_bits", None)
-        options.pop("q_group_size", None)
+        for key in ("q_bits", "q_group_size", "lora_adapter_out"):
+            options.pop(key, None)
     return module.convert(src, dst, **options)
 
 
@@ -46,12 +49,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="tokenizer folder (default: beside SRC or upstream's ../model)")
     parser.add_argument("--lora", default=None, metavar="PATH",
                         help="an upstream LoRA file to fuse into the weights")
+    parser.add_argument("--lora-adapter-out", default=None, metavar="DIR",
+                        help="mlx: write --lora as an mlx_lm adapter folder instead of fusing it")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    common.add_arch_args(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     options = {"q_bits": args.q_bits, "q_group_size": args.q_group_size, "dtype": args.dtype,
-               "tokenizer": args.tokenizer, "lora": args.lora}
+               "tokenizer": args.tokenizer, "lora": args.lora,
+               "lora_adapter_out": args.lora_adapter_out,
+               "overrides": common.arch_overrides(args) or None}
     # Unset options are left out, so each converter's own defaults apply.
     options = {k: v for k, v in options.items() if v is not None}
     out = convert(args.to, args.src, args.dst, force=args.force, **options)

@@ -1,0 +1,806 @@
+"""The ``minimind`` CLI: in-process through ``main([...])`` and as real subprocesses, on the tiny
+random checkpoints of conftest (``<root>/out/full_sft_128[_moe].pth``, tokenizer in ``<root>/model``).
+
+References are independent of the CLI: prompts are rendered by hand from the ChatML template and
+tokenized with the ``tokenizers`` library directly, parameter counts are summed from the weights,
+the first greedy token is the argmax of the engine's full-sequence logits, stop strings are cut
+with plain string operations.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minimind_core import __version__
+from minimind_core.cli import main
+from minimind_core.commands import bench as bench_cmd
+from minimind_core.commands import common, upstream
+from minimind_core.commands.chat import ChatSession, chat_loop, read_line_from
+from minimind_core.commands.render import DIM, RESET, ThinkStyler, ends_in_think
+from minimind_core.params import StreamChunk, Usage
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="loading .pth files needs torch")
+
+
+def _demo_ready() -> bool:
+    if importlib.util.find_spec("minimind_core.demo") is None:
+        return False
+    try:
+        from minimind_core.demo import demo_model_path
+
+        demo_model_path()
+    except (ImportError, FileNotFoundError):
+        return False
+    return True
+
+
+needs_demo = pytest.mark.skipif(not _demo_ready(), reason="the embedded demo model is not built yet")
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(err: str, *fragments: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("minimind: error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, err)
+
+
+def chatml(*turns: tuple[str, str]) -> str:
+    """The conftest ChatML template rendered by hand, with the generation prompt."""
+    return "".join(f"<|im_start|>{r}\n{c}<|im_end|>\n" for r, c in turns) + "<|im_start|>assistant\n"
+
+
+def raw_tokenizer(root: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(root / "model" / "tokenizer.json"))
+
+
+# ---- version and help ------------------------------------------------------------------------
+
+def test_version(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"minimind {__version__}"
+
+
+def test_no_command_prints_usage(capsys):
+    code, _, err = run(capsys)
+    assert code == 2 and "generate" in err and "chat" in err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "info", "bench", "convert", "serve"])
+def test_help_of_every_command(capsys, command):
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0 and f"minimind {command}" in out
+
+
+def test_version_subprocess():
+    proc = subprocess.run([sys.executable, "-m", "minimind_core", "--version"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"minimind {__version__}"
+
+
+# ---- upstream eval_llm.py flags (pure) ---------------------------------------------------------
+
+def fake_exists(*paths: str):
+    present = {Path(p) for p in paths}
+    return lambda p: Path(p) in present
+
+
+def test_upstream_none_when_no_flag():
+    assert upstream.resolve_upstream() is None
+    assert upstream.resolve_upstream(lora_weight="None") is None
+
+
+def test_upstream_weight_hidden_moe():
+    up = upstream.resolve_upstream(save_dir="out", weight="full_sft", hidden_size=512, use_moe=1,
+                                   exists=fake_exists("out/full_sft_512_moe.pth"))
+    assert up.model == Path("out/full_sft_512_moe.pth") and up.lora is None and not up.pretrain
+
+
+def test_upstream_defaults_try_512_then_768():
+    up = upstream.resolve_upstream(weight="full_sft", exists=fake_exists("out/full_sft_768.pth"))
+    assert up.model == Path("out/full_sft_768.pth")
+    both = fake_exists("out/full_sft_512.pth", "out/full_sft_768.pth")
+    assert upstream.resolve_upstream(save_dir="out", exists=both).model == Path("out/full_sft_512.pth")
+    with pytest.raises(FileNotFoundError, match=r"out/full_sft_512\.pth or out/full_sft_768\.pth"):
+        upstream.resolve_upstream(save_dir="out", exists=fake_exists())
+
+
+def test_upstream_lora_in_lora_folder_then_save_dir():
+    files = ("out/full_sft_512.pth", "out/lora/lora_identity_512.pth", "out/lora_medical_512.pth")
+    up = upstream.resolve_upstream(save_dir="out", lora_weight="lora_identity", exists=fake_exists(*files))
+    assert up.lora == Path("out/lora/lora_identity_512.pth")
+    up = upstream.resolve_upstream(save_dir="out", lora_weight="lora_medical", exists=fake_exists(*files))
+    assert up.lora == Path("out/lora_medical_512.pth")  # older upstream revisions
+    up = upstream.resolve_upstream(save_dir="out", lora_weight="None", exists=fake_exists(*files))
+    assert up.lora is None
+    with pytest.raises(FileNotFoundError, match=r"out/lora/lora_x_512\.pth"):
+        upstream.resolve_upstream(save_dir="out", lora_weight="lora_x", exists=fake_exists(*files))
+
+
+def test_upstream_lora_follows_the_hidden_size_found():
+    files = ("out/full_sft_768.pth", "out/lora/lora_identity_768.pth")
+    up = upstream.resolve_upstream(lora_weight="lora_identity", exists=fake_exists(*files))
+    assert up.model == Path("out/full_sft_768.pth") and up.lora == Path("out/lora/lora_identity_768.pth")
+
+
+def test_upstream_load_from():
+    files = ("out/pretrain_512.pth", "../minimind/model/tokenizer.json", "MiniMind2")
+    up = upstream.resolve_upstream(load_from="../minimind/model", weight="pretrain",
+                                   exists=fake_exists(*files))
+    assert up.model == Path("out/pretrain_512.pth") and up.pretrain
+    assert up.tokenizer == Path("../minimind/model")
+    up = upstream.resolve_upstream(load_from="model", weight="pretrain", exists=fake_exists(*files))
+    assert up.tokenizer is None  # the default ./model is found by the usual search
+    up = upstream.resolve_upstream(load_from="MiniMind2", exists=fake_exists(*files))
+    assert up.model == Path("MiniMind2")  # a transformers folder
+    with pytest.raises(FileNotFoundError, match="no such transformers folder"):
+        upstream.resolve_upstream(load_from="minimind-3", exists=fake_exists(*files))
+
+
+def test_historys_to_turns():
+    assert [upstream.historys_to_turns(n) for n in (0, 1, 2, 4, 7)] == [0, 0, 1, 2, 3]
+
+
+# ---- shared flags (pure) -----------------------------------------------------------------------
+
+def parse(*argv: str):
+    parser = common.ArgumentParser(prog="t")
+    common.add_model_args(parser)
+    common.add_sampling_args(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_arch_overrides_cover_config_fields():
+    names = {n for n, _ in common.override_fields()}
+    assert {"num_experts_per_tok", "rms_norm_eps", "rope_theta", "num_attention_heads",
+            "hidden_size", "num_hidden_layers", "norm_topk_prob", "rope_scaling"} <= names
+    args = parse("--num-experts-per-tok", "1", "--rms-norm-eps", "1e-6", "--norm-topk-prob", "false",
+                 "--rope-scaling", '{"type": "yarn", "factor": 4}', "--hidden_size", "768",
+                 "--inference_rope_scaling")
+    assert common.arch_overrides(args) == {
+        "num_experts_per_tok": 1, "rms_norm_eps": 1e-6, "norm_topk_prob": False,
+        "rope_scaling": {"type": "yarn", "factor": 4}, "hidden_size": 768,
+        "inference_rope_scaling": True}
+    assert common.arch_overrides(parse()) == {}
+
+
+def test_upstream_and_dashed_spellings_are_one_flag():
+    a = parse("--top_p", "0.85", "--max_new_tokens", "7", "--temperature", "0.85")
+    b = parse("--top-p", "0.85", "--max-new-tokens", "7", "--temp", "0.85")
+    assert common.sampling_kwargs(a) == common.sampling_kwargs(b)
+    assert common.sampling_kwargs(a)["max_new_tokens"] == 7
+
+
+def test_quantize_kwargs(monkeypatch):
+    monkeypatch.setattr(common, "apple_silicon", lambda: True)
+    assert common.quantize_kwargs(parse("--backend", "mlx"), "mlx", is_demo=False) == {"quantize": 4}
+    assert common.quantize_kwargs(parse(), "mlx", is_demo=True) == {}
+    assert common.quantize_kwargs(parse("--q-bits", "0"), "mlx", is_demo=False) == {}
+    assert common.quantize_kwargs(parse("--q-bits", "8", "--q-group-size", "32"), "mlx",
+                                  is_demo=False) == {"quantize": 8, "q_group_size": 32}
+    monkeypatch.setattr(common, "apple_silicon", lambda: False)
+    assert common.quantize_kwargs(parse(), "mlx", is_demo=False) == {}  # Linux: full precision
+    assert common.quantize_kwargs(parse("--q-bits", "0"), "torch", is_demo=False) == {}
+    with pytest.raises(ValueError, match="mlx backend"):
+        common.quantize_kwargs(parse("--q-bits", "4"), "torch", is_demo=False)
+
+
+# ---- terminal rendering ------------------------------------------------------------------------
+
+def test_think_styler_splits_tags_across_deltas():
+    s = ThinkStyler(True)
+    out = "".join(s.feed(p) for p in ["a<th", "ink>b</thi", "nk>c"]) + s.finish()
+    assert out == f"a{DIM}<think>b</think>{RESET}c"
+
+
+def test_think_styler_starts_inside_and_resets_at_end():
+    s = ThinkStyler(True, inside=True)
+    assert s.feed("x</think>y") + s.finish() == f"{DIM}x</think>{RESET}y"
+    s = ThinkStyler(True)
+    assert s.feed("<think>still thinking <th") + s.finish() == f"{DIM}<think>still thinking <th{RESET}"
+    s = ThinkStyler(False, inside=True)
+    assert s.feed("<think>x</think>") + s.finish() == "<think>x</think>"
+
+
+def test_ends_in_think():
+    assert ends_in_think("<|im_start|>assistant\n<think>\n")
+    assert not ends_in_think("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert not ends_in_think("no tags")
+
+
+# ---- chat REPL on a scripted engine ------------------------------------------------------------
+
+class ScriptedEngine:
+    """Records the conversations it is asked about and streams scripted replies."""
+
+    def __init__(self, replies: list[str], interrupt_after: int | None = None):
+        self.replies = list(replies)
+        self.calls: list[dict] = []
+        self.closed = 0
+        self.interrupt_after = interrupt_after
+        self.formatter = types.SimpleNamespace(render=lambda messages, **kw: "")
+
+    def stream_chat(self, messages, params, *, max_history=None, template_kwargs=None):
+        self.calls.append({"messages": [dict(m) for m in messages], "max_history": max_history,
+                           "template_kwargs": template_kwargs})
+        text = self.replies.pop(0)
+
+        def chunks():
+            try:
+                for i, ch in enumerate(text):
+                    if self.interrupt_after is not None and i == self.interrupt_after:
+                        raise KeyboardInterrupt
+                    yield StreamChunk(ch, 100 + i)
+                yield StreamChunk("", None, finish_reason="stop", usage=Usage(7, len(text)),
+                                  tokens_per_second=12.5, time_to_first_token=0.01)
+            finally:
+                self.closed += 1
+
+        return chunks()
+
+
+def drive(engine, lines: str, session: ChatSession | None = None, out=None):
+    session = session or ChatSession()
+    out = out or io.StringIO()
+    err = io.StringIO()
+    stdin = io.StringIO(lines)
+    replies = chat_loop(engine, session, read_line_from(stdin, out), out, err)
+    return replies, session, out.getvalue(), err.getvalue()
+
+
+def test_chat_loop_history_clear_and_quit():
+    engine = ScriptedEngine(["one", "two", "three", "never"])
+    n, session, out, err = drive(engine, "hi\n\nagain\n/clear\nthird\nquit\nnot read\n")
+    assert n == 3
+    assert [len(c["messages"]) for c in engine.calls] == [1, 3, 1]
+    assert engine.calls[1]["messages"] == [{"role": "user", "content": "hi"},
+                                           {"role": "assistant", "content": "one"},
+                                           {"role": "user", "content": "again"}]
+    assert out == "one\ntwo\nthree\n"
+    assert "(history cleared)" in err
+    assert err.count("[3 tokens, 12.5 tok/s, prompt 7 tokens]") == 2  # "one", "two"
+    assert session.messages == [{"role": "user", "content": "third"},
+                                {"role": "assistant", "content": "three"}]
+
+
+@pytest.mark.parametrize("leave", ["quit", "exit", "q", "clear\nexit", ""])
+def test_chat_loop_leaves(leave):
+    engine = ScriptedEngine(["a"])
+    n, *_ = drive(engine, f"hello\n{leave}\nnever\n" if leave else "hello\n")  # "" = Ctrl-D (EOF)
+    assert n == 1 and len(engine.calls) == 1
+
+
+def test_chat_loop_system_history_quiet():
+    engine = ScriptedEngine(["a", "b"])
+    session = ChatSession(system="be brief", max_history=1, quiet=True,
+                          template_kwargs={"open_thinking": True})
+    _, _, _, err = drive(engine, "x\ny\n", session)
+    assert engine.calls[1]["messages"][0] == {"role": "system", "content": "be brief"}
+    assert engine.calls[1]["max_history"] == 1
+    assert engine.calls[1]["template_kwargs"] == {"open_thinking": True}
+    assert err == ""  # --quiet: no stats lines
+
+
+def test_ctrl_c_inside_generation_stops_that_reply_only():
+    engine = ScriptedEngine(["abcdef", "ok"], interrupt_after=3)
+    n, session, out, err = drive(engine, "first\nsecond\n")
+    assert n == 2 and engine.closed == 2
+    assert out.startswith("abc\n")
+    assert "(reply stopped)" in err and "[stopped: " in err
+    assert session.messages[1] == {"role": "assistant", "content": "abc"}  # what was shown
+
+
+class InterruptingOut(io.StringIO):
+    """A terminal where Ctrl-C lands while the second piece of a reply is printed."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text):
+        self.writes += 1
+        if self.writes == 2:
+            raise KeyboardInterrupt
+        return super().write(text)
+
+
+def test_ctrl_c_while_printing_closes_the_generation():
+    engine = ScriptedEngine(["abcdef", "ok"])
+    n, session, out, err = drive(engine, "first\nsecond\n", out=InterruptingOut())
+    assert n == 2
+    assert engine.closed == 2  # the interrupted generator was closed, freeing the engine
+    assert "(reply stopped)" in err
+    assert session.messages[3] == {"role": "assistant", "content": "ok"}
+
+
+def test_ctrl_c_at_the_prompt_keeps_the_session():
+    engine = ScriptedEngine(["a"])
+    lines = iter([KeyboardInterrupt, "hello", None])
+
+    def read():
+        item = next(lines)
+        if item is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return item
+
+    err = io.StringIO()
+    assert chat_loop(engine, ChatSession(), read, io.StringIO(), err) == 1
+    assert "Ctrl-D" in err.getvalue()
+
+
+def test_thinking_is_dimmed_on_a_terminal(monkeypatch):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    engine = ScriptedEngine(["<think>hmm</think>42"])
+    _, _, out, _ = drive(engine, "q?\n", out=Tty())
+    assert out == f"{DIM}<think>hmm</think>{RESET}42\n"
+    monkeypatch.setenv("NO_COLOR", "1")
+    engine = ScriptedEngine(["<think>hmm</think>42"])
+    _, _, out, _ = drive(engine, "q?\n", out=Tty())
+    assert out == "<think>hmm</think>42\n"
+
+
+def test_no_stream_prints_whole_reply():
+    engine = ScriptedEngine(["whole"])
+    _, _, out, _ = drive(engine, "x\n", ChatSession(stream=False))
+    assert out == "whole\n"
+
+
+# ---- bench timing loop (scripted) ----------------------------------------------------------------
+
+def test_bench_times_every_step_regardless_of_eos():
+    import threading
+
+    class StepEngine:
+        config = types.SimpleNamespace(max_position_embeddings=4096, vocab_size=50)
+        _lock = threading.RLock()
+
+        def __init__(self):
+            self.steps = 0
+            self.prompts = []
+
+        def _steps(self, prompts, params):
+            self.prompts.append(prompts)
+            while True:
+                self.steps += 1
+                yield np.full(len(prompts), 2)  # always eos: bench must not stop early
+
+    engine = StepEngine()
+    rows = bench_cmd.bench(engine, (1, 3), prompt_tokens=20, gen_tokens=6)
+    assert engine.steps == 4 + 6 + 6  # warm-up 4, then the full budget for each batch size
+    assert [len(p) for p in engine.prompts] == [3, 1, 3]
+    assert all(len(row) == 20 for row in engine.prompts[2])
+    assert all(3 <= t < 50 for row in engine.prompts[2] for t in row)
+    assert [r["batch"] for r in rows] == [1, 3]
+    assert all(r["decode_tokens_per_second"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="context window"):
+        bench_cmd.bench(engine, (1,), prompt_tokens=4000, gen_tokens=200)
+
+
+# ---- real tiny checkpoints -----------------------------------------------------------------------
+
+@needs_torch
+def test_info_fields_match_the_checkpoint(capsys, make_checkpoint):
+    path, config, weights = make_checkpoint("minimind2-moe")
+    root = path.parents[1]
+    code, out, err = run(capsys, "info", path, "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    total = sum(w.size for w in weights.values())
+    expert = sum(weights[f"model.layers.0.mlp.experts.0.{p}_proj.weight"].size
+                 for p in ("gate", "up", "down"))
+    assert d["parameters"] == total
+    assert d["active_parameters"] == total - 2 * (4 - 2) * expert  # 2 layers, 2 of 4 experts idle
+    assert (d["generation"], d["moe"], d["kind"]) == ("minimind2", True, "minimind2-moe")
+    assert (d["hidden_size"], d["num_hidden_layers"], d["num_attention_heads"],
+            d["num_key_value_heads"], d["head_dim"], d["intermediate_size"]) == (128, 2, 8, 2, 16, 192)
+    assert (d["num_experts"], d["num_experts_per_tok"], d["n_shared_experts"]) == (4, 2, 1)
+    assert d["vocab_size"] == 512 and d["tie_word_embeddings"] is True
+    assert d["file_dtype"] == "float32" and d["file_size"] == os.path.getsize(path)
+    assert Path(d["tokenizer"]).resolve() == (root / "model").resolve() and d["chat_template"]
+    assert d["demo"] is False and d["num_attention_heads_assumed"] is True
+
+    code, text, _ = run(capsys, "info", path)
+    assert code == 0
+    for fragment in ("MiniMind2 MoE", "4 routed, top-2, 1 shared", "float32", "chat template: yes"):
+        assert fragment in text
+    assert "DEMO MODEL" not in text
+
+
+@needs_torch
+def test_info_minimind3_and_overrides(capsys, make_checkpoint):
+    path, config, weights = make_checkpoint("minimind3-moe")
+    code, out, err = run(capsys, "info", "-m", path, "--json", "--num-experts-per-tok", "2",
+                         "--inference-rope-scaling")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["generation"] == "minimind3" and d["num_experts_per_tok"] == 2
+    assert d["rms_norm_eps"] == 1e-6 and d["num_attention_heads_assumed"] is False
+    assert d["rope_scaling"]["factor"] == 16  # upstream's YaRN switch
+    code, _, err = run(capsys, "info", path, "--hidden-size", "64")
+    assert code == 1
+    assert_one_line_error(err, "hidden_size=64 contradicts the checkpoint")
+
+
+@needs_torch
+def test_upstream_flags_resolve_to_the_fixture(capsys, make_checkpoint, monkeypatch):
+    path, _, _ = make_checkpoint("minimind2")
+    root = path.parents[1]
+    code, out, err = run(capsys, "info", "--save_dir", root / "out", "--weight", "full_sft",
+                         "--hidden_size", "128", "--json")
+    assert code == 0, err
+    assert Path(json.loads(out)["path"]) == path
+    monkeypatch.chdir(root)  # upstream's relative ./out and ./model
+    code, out, err = run(capsys, "info", "--weight", "full_sft", "--hidden_size", "128", "--json")
+    assert code == 0, err
+    assert Path(json.loads(out)["path"]).resolve() == path.resolve()
+    code, _, err = run(capsys, "info", "--weight", "full_sft", "--use_moe", "1")
+    assert code == 1
+    assert_one_line_error(err, "full_sft_512_moe.pth", "full_sft_768_moe.pth")
+
+
+@needs_torch
+def test_generate_json_greedy_with_the_chat_template(capsys, make_checkpoint):
+    from minimind_core import load
+
+    path, _, _ = make_checkpoint("minimind3")
+    root = path.parents[1]
+    tok = raw_tokenizer(root)
+    code, out, err = run(capsys, "generate", "-m", path, "hello there", "--max-new-tokens", "6",
+                         "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert set(d) == {"text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens",
+                      "time_to_first_token", "tokens_per_second"}
+    prompt_ids = tok.encode(chatml(("user", "hello there"))).ids
+    assert d["prompt_tokens"] == len(prompt_ids)
+    assert d["completion_tokens"] == len(d["token_ids"]) <= 6
+    assert d["finish_reason"] in ("stop", "length")
+    assert d["text"] == tok.decode([t for t in d["token_ids"] if t > 2])
+    logits = load(path, backend="torch").logits(prompt_ids)
+    assert d["token_ids"][0] == int(np.argmax(logits[-1]))  # greedy by default
+
+    code, out, _ = run(capsys, "generate", "-m", path, "hello there", "--raw", "--max-new-tokens",
+                       "3", "--json")
+    assert code == 0 and json.loads(out)["prompt_tokens"] == len(tok.encode("hello there").ids)
+
+
+@needs_torch
+def test_generate_upstream_flags_equal_model_flag(capsys, make_checkpoint):
+    path, _, _ = make_checkpoint("minimind2")
+    out_dir = path.parent
+    base = ["hi", "--max-new-tokens", "5", "--json"]
+    a = run(capsys, "generate", "-m", path, *base)
+    b = run(capsys, "generate", "--save_dir", out_dir, "--weight", "full_sft", "--hidden_size",
+            "128", "--load_from", out_dir.parent / "model", *base)
+    assert a[0] == b[0] == 0, (a[2], b[2])
+    assert json.loads(a[1])["token_ids"] == json.loads(b[1])["token_ids"]
+
+
+@needs_torch
+def test_generate_sampling_flags_reach_the_sampler(capsys, make_checkpoint):
+    path, _, _ = make_checkpoint("minimind2")
+
+    def ids(*flags):
+        code, out, err = run(capsys, "generate", "-m", path, "abc", "--max-new-tokens", "8",
+                             "--json", *flags)
+        assert code == 0, err
+        return json.loads(out)
+
+    greedy = ids()["token_ids"]
+    assert ids("--temperature", "1", "--top-k", "1")["token_ids"] == greedy
+    s1 = ids("--temperature", "1.5", "--seed", "1")["token_ids"]
+    assert ids("--temperature", "1.5", "--seed", "1")["token_ids"] == s1
+    others = [ids("--temperature", "1.5", "--seed", str(s))["token_ids"] for s in (2, 3)]
+    assert any(o != s1 for o in others)
+    text = ids("--max-new-tokens", "20")["text"]
+    stop = next(text[i:i + 2] for i in range(1, len(text) - 1)
+                if text[i:i + 2].strip() and "\ufffd" not in text[i:i + 2])
+    d = ids("--max-new-tokens", "20", "--stop", stop)
+    assert d["text"] == text[:text.index(stop)] and d["finish_reason"] == "stop"
+
+
+@needs_torch
+def test_generate_reads_stdin(capsys, make_checkpoint, monkeypatch):
+    path, _, _ = make_checkpoint("minimind2")
+    tok = raw_tokenizer(path.parents[1])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("from stdin\n"))
+    code, out, err = run(capsys, "generate", "-m", path, "--max-new-tokens", "2", "--json")
+    assert code == 0, err
+    assert json.loads(out)["prompt_tokens"] == len(tok.encode(chatml(("user", "from stdin"))).ids)
+    code, out, err = run(capsys, "generate", "-m", path, "--max-new-tokens", "2")
+    assert code == 1  # stdin used up: empty prompt
+    assert_one_line_error(err, "empty")
+
+
+@needs_torch
+def test_generate_streams_and_prints_stats(capsys, make_checkpoint):
+    path, _, _ = make_checkpoint("minimind2")
+    code, streamed, err = run(capsys, "generate", "-m", path, "hi", "--max-new-tokens", "5",
+                              "--stream", "--temperature", "0")
+    assert code == 0
+    code, whole, _ = run(capsys, "generate", "-m", path, "hi", "--max-new-tokens", "5", "--no-stream", "-q")
+    assert code == 0 and streamed == whole
+    assert err.strip().startswith("[") and "tok/s" in err
+
+
+@needs_torch
+def test_chat_repl_on_a_real_model(capsys, make_checkpoint, monkeypatch):
+    from minimind_core.engine import Engine
+
+    path, _, _ = make_checkpoint("minimind2")
+    seen = []
+    original = Engine.stream_chat
+
+    def spy(self, messages, *args, **kw):
+        seen.append(([m["role"] for m in messages], kw.get("max_history")))
+        return original(self, messages, *args, **kw)
+
+    monkeypatch.setattr(Engine, "stream_chat", spy)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nagain\nclear\nthird\nexit\nnever\n"))
+    code, out, err = run(capsys, "chat", "-m", path, "--max-new-tokens", "4", "--system", "S",
+                         "--history", "5")
+    assert code == 0, err
+    assert seen == [(["system", "user"], 5), (["system", "user", "assistant", "user"], 5),
+                    (["system", "user"], 5)]
+    assert err.count("tok/s") == 3 and "(history cleared)" in err
+    assert "Traceback" not in err
+
+    seen.clear()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a\nb\n"))
+    code, _, err = run(capsys, "chat", "-m", path, "--max-new-tokens", "2", "--historys", "4", "-q")
+    assert code == 0 and [h for _, h in seen] == [2, 2] and "tok/s" not in err
+    code, _, err = run(capsys, "chat", "-m", path, "--history", "1", "--historys", "2")
+    assert code == 1
+    assert_one_line_error(err, "--historys")
+
+
+@needs_torch
+def test_bench_on_a_real_model(capsys, make_checkpoint):
+    path, _, _ = make_checkpoint("minimind3")
+    code, out, err = run(capsys, "bench", "-m", path, "--prompt-tokens", "8", "--gen-tokens", "4",
+                         "--batch", "2", "--json")
+    assert code == 0, err
+    rows = json.loads(out)["results"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert all(r["prefill_tokens_per_second"] > 0 and r["decode_tokens_per_second"] > 0 for r in rows)
+    code, out, _ = run(capsys, "bench", "-m", path, "--prompt-tokens", "8", "--gen-tokens", "3",
+                       "--batch", "2")
+    assert code == 0
+    table = [line for line in out.splitlines() if line.startswith("|")]
+    assert len(table) == 4 and table[2].startswith("| 1 | 8 |") and table[3].startswith("| 2 | 8 |")
+
+
+# ---- bad input: one line, non-zero exit, never a traceback -----------------------------------------
+
+@needs_torch
+@pytest.mark.parametrize("argv,code,fragment", [
+    (["generate", "-m", "{missing}", "hi"], 1, "no such file"),
+    (["generate", "-m", "{path}", "hi", "--bogus"], 2, "unrecognized arguments: --bogus"),
+    (["generate", "-m", "{path}", "hi", "--backend", "nope"], 1, "unknown backend 'nope'"),
+    (["generate", "-m", "{path}", "hi", "--temperature", "-1"], 1, "temperature must be >= 0"),
+    (["generate", "-m", "{path}", "hi", "--max-new-tokens", "x"], 2, "invalid int value"),
+    (["generate", "-m", "{path}", "hi", "--q-bits", "4", "--backend", "torch"], 1, "mlx backend"),
+    (["generate", "-m", "{path}", "hi", "--save_dir", "out"], 1, "not both"),
+    (["generate", "-m", "{path}", "hi", "--lora", "{missing}"], 1, "no such file"),
+    (["generate", "-m", "{path}", "hi", "--tokenizer", "{missing}"], 1, "does not exist"),
+    (["generate", "-m", "{path}", "hi", "--device", "tpu"], 1, "unknown device"),
+    (["generate", "-m", "{path}", "hi", "--dtype", "int3"], 1, "unknown dtype"),
+    (["generate", "-m", "{garbage}", "hi"], 1, "corrupt"),
+    (["chat", "-m", "{path}", "--chat-template-args", "{{bad"], 2, "not valid JSON"),
+    (["info", "{missing}"], 1, "no such file"),
+    (["bench", "-m", "{path}", "--gen-tokens", "1"], 1, "--gen-tokens"),
+    (["convert", "--to", "onnx", "a", "b"], 2, "invalid choice"),
+    (["frobnicate"], 2, "invalid choice"),
+])
+def test_bad_input_one_line(capsys, make_checkpoint, tmp_path, argv, code, fragment):
+    path, _, _ = make_checkpoint("minimind2")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all" * 10)
+    subs = {"path": path, "missing": tmp_path / "missing.pth", "garbage": garbage}
+    got, _, err = run(capsys, *[a.format(**subs) for a in argv])
+    assert got == code
+    assert_one_line_error(err, fragment)
+
+
+def test_no_prompt_on_a_terminal(capsys, monkeypatch):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Tty())
+    code, _, err = run(capsys, "generate")
+    assert code == 1
+    assert_one_line_error(err, "no prompt")
+
+
+def test_interrupt_while_loading(capsys, monkeypatch):
+    def boom(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "load_engine", boom)
+    code, _, err = run(capsys, "generate", "hi")
+    assert code == 130 and err.strip() == "minimind: interrupted"
+
+
+def test_unexpected_error_is_one_line_unless_debug(capsys, monkeypatch):
+    def boom(args):
+        raise RuntimeError("kaput")
+
+    monkeypatch.setattr(common, "load_engine", boom)
+    code, _, err = run(capsys, "bench")
+    assert code == 1
+    assert_one_line_error(err, "RuntimeError: kaput", "MINIMIND_DEBUG=1")
+    monkeypatch.setenv("MINIMIND_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="kaput"):
+        main(["bench"])
+
+
+@needs_torch
+def test_subprocess_generate_and_error(make_checkpoint):
+    path, _, _ = make_checkpoint("minimind2")
+    cmd = [sys.executable, "-m", "minimind_core", "generate", "-m", str(path), "hi",
+           "--max-new-tokens", "3", "--json"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["completion_tokens"] <= 3
+    proc = subprocess.run(cmd[:5] + [str(path) + ".missing", "hi"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert_one_line_error(proc.stderr, "no such file")
+
+
+# ---- convert and serve dispatch --------------------------------------------------------------------
+
+def fake_module(monkeypatch, name: str, **attrs):
+    module = types.ModuleType(name)
+    for key, value in attrs.items():
+        setattr(module, key, value)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+def test_convert_calls_the_converter(capsys, monkeypatch, tmp_path):
+    calls = []
+    fake_module(monkeypatch, "converters.to_mlx", convert=lambda src, dst, **kw: calls.append(
+        ("mlx", src, dst, kw)) or Path(dst))
+    fake_module(monkeypatch, "converters.to_hf", convert=lambda src, dst, **kw: calls.append(
+        ("hf", src, dst, kw)))
+    code, out, err = run(capsys, "convert", "--to", "mlx", "a.pth", tmp_path / "m", "--q-bits", "4",
+                         "--q-group-size", "32", "--dtype", "float16", "--force",
+                         "--num-experts-per-tok", "1")
+    assert code == 0, err
+    assert calls[-1] == ("mlx", "a.pth", str(tmp_path / "m"),
+                         {"q_bits": 4, "q_group_size": 32, "dtype": "float16", "force": True,
+                          "overrides": {"num_experts_per_tok": 1}})
+    assert f"wrote {tmp_path / 'm'}" in out
+    code, _, err = run(capsys, "convert", "--to", "hf", "a.pth", "b", "--lora", "l.pth",
+                       "--tokenizer", "tok")
+    assert code == 0, err
+    assert calls[-1] == ("hf", "a.pth", "b", {"lora": "l.pth", "tokenizer": "tok", "force": False})
+    code, _, err = run(capsys, "convert", "--to", "hf", "a.pth", "b", "--q-bits", "4")
+    assert code == 1
+    assert_one_line_error(err, "--to mlx")
+
+
+@needs_torch
+@pytest.mark.skipif(importlib.util.find_spec("converters.to_hf") is None,
+                    reason="converters.to_hf is not written yet")
+def test_convert_to_hf_for_real(capsys, make_checkpoint, tmp_path):
+    from minimind_core.checkpoint import load_checkpoint
+
+    path, _, weights = make_checkpoint("minimind3")
+    dst = tmp_path / "hf"
+    code, _, err = run(capsys, "convert", "--to", "hf", path, dst)
+    assert code == 0, err
+    back = load_checkpoint(dst).weights
+    assert all(np.array_equal(back[k], w) for k, w in weights.items())
+    code, _, err = run(capsys, "convert", "--to", "hf", path, dst)
+    assert code == 1 and "Traceback" not in err  # DST exists without --force
+
+
+@needs_torch
+@pytest.mark.skipif(importlib.util.find_spec("mlx") is None, reason="needs the mlx extra")
+def test_convert_to_mlx_and_generate_on_mlx(capsys, make_checkpoint, tmp_path):
+    path, _, weights = make_checkpoint("minimind3")
+    dst = tmp_path / "mlx"
+    code, _, err = run(capsys, "convert", "--to", "mlx", path, dst, "--dtype", "float32")
+    assert code == 0, err
+    assert json.loads((dst / "config.json").read_text())["model_type"] == "qwen3"
+    a = run(capsys, "generate", "-m", path, "hi", "--max-new-tokens", "4", "--json",
+            "--backend", "torch")
+    b = run(capsys, "generate", "-m", dst, "hi", "--max-new-tokens", "4", "--json",
+            "--backend", "mlx")
+    assert a[0] == b[0] == 0, (a[2], b[2])
+    assert json.loads(a[1])["token_ids"] == json.loads(b[1])["token_ids"]
+
+
+def test_serve_passes_model_flags_to_the_server(capsys, monkeypatch, make_checkpoint):
+    seen = {}
+
+    def configure_parser(parser):
+        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument("--model", default=None)  # the server defines some shared flags
+
+    fake_module(monkeypatch, "minimind_core.server", configure_parser=configure_parser,
+                run=lambda args: seen.update(vars(args)))
+    path, _, _ = make_checkpoint("minimind2")
+    code, _, err = run(capsys, "serve", "-m", path, "--port", "9", "--backend", "torch")
+    assert code == 0, err
+    assert seen["port"] == 9 and seen["model"] == str(path) and seen["backend"] == "torch"
+    assert seen["lora"] is None and seen["tokenizer"] is None
+    code, _, err = run(capsys, "serve", "--save_dir", path.parent, "--hidden_size", "128")
+    assert code == 0, err
+    assert seen["model"] == str(path)  # upstream flags resolved before the server loads
+    code, _, err = run(capsys, "serve", "--model", path.with_suffix(".nope"))
+    assert code == 1
+    assert_one_line_error(err, "no such file")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fastapi") is None, reason="needs the serve extra")
+def test_serve_help_with_the_real_server(capsys):
+    code, out, _ = run(capsys, "serve", "--help")
+    assert code == 0
+    for flag in ("--port", "--api-key", "-m", "--model", "--save_dir", "--lora_weight"):
+        assert flag in out
+
+
+def test_serve_without_the_server(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "minimind_core.server", None)  # import fails
+    code, _, err = run(capsys, "serve")
+    assert code == 1
+    assert_one_line_error(err, "minimind-core[serve]")
+
+
+# ---- the embedded demo model -----------------------------------------------------------------------
+
+@needs_torch
+@needs_demo
+def test_demo_model_is_the_default(capsys):
+    code, out, err = run(capsys, "info")
+    assert code == 0, err
+    assert out.startswith("DEMO MODEL")
+    code, out, err = run(capsys, "generate", "hello", "--max-new-tokens", "8", "--json")
+    assert code == 0, err
+    assert json.loads(out)["completion_tokens"] >= 1
+
+
+def test_serve_refuses_flags_the_server_would_ignore(capsys, monkeypatch):
+    fake_module(monkeypatch, "minimind_core.server",
+                configure_parser=lambda parser: parser.add_argument("--model", default=None),
+                run=lambda args: 0)
+    code, _, err = run(capsys, "serve", "--num-experts-per-tok", "1", "--q-bits", "4")
+    assert code == 1
+    assert_one_line_error(err, "--num-experts-per-tok, --q-bits")
+    seen = {}
+    fake_module(monkeypatch, "minimind_core.server",
+                configure_parser=lambda parser: parser.add_argument("--model", default=None),
+                run=lambda args: seen.update(vars(args)) or 0, load_engine=common.load_engine)
+    code, _, err = run(capsys, "serve", "--num-experts-per-tok", "1")
+    assert code == 0, err
+    assert seen["num_experts_per_tok"] == 1
