@@ -37,6 +37,19 @@ class KVCache:
             idx = torch.arange(self.max_len, device=pad.device)
             self.key_mask = (idx[None, :] >= pad[:, None])[:, None, None, :]
 
+    def update_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static-shape write of one position ``pos`` (a 1-element device tensor); returns the
+        whole cache so shapes never depend on how much of it is filled."""
+        self.k[layer].index_copy_(2, pos, k)
+        self.v[layer].index_copy_(2, pos, v)
+        return self.k[layer], self.v[layer]
+
+    def static_mask(self, pos: torch.Tensor) -> torch.Tensor:
+        """[B, 1, 1, max_len] True for keys a query at ``pos`` may see (real, not in the future)."""
+        idx = torch.arange(self.max_len, device=pos.device)
+        return ((idx[None, :] <= pos) & (idx[None, :] >= self.pad[:, None]))[:, None, None, :]
+
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, kv_heads, T, d] at ``start`` and return the filled part of the cache."""

@@ -15,6 +15,8 @@ from minimind_core.tokenizer import Tokenizer, find_tokenizer
 
 from .cache import KVCache
 from .model import MiniMindForCausalLM
+from .sampling import on_device
+from .static import StaticDecoder, static_steps
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
@@ -60,46 +62,78 @@ class TorchEngine(Engine):
     backend = "torch"
 
     def __init__(self, model: MiniMindForCausalLM, tokenizer: Tokenizer, *, name: str = "minimind",
-                 info: dict[str, Any] | None = None) -> None:
+                 info: dict[str, Any] | None = None, static: str | None = None,
+                 sync_every: int = 8) -> None:
         super().__init__(model.config, tokenizer, name=name, info=info)
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.cache: KVCache | None = None
+        if static not in (None, "eager", "compile", "graph"):
+            raise ValueError(f"static must be None, 'eager', 'compile' or 'graph', got {static!r}")
+        if static == "graph" and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device; use static='compile' or None on "
+                             f"{self.device.type}")
+        self.static, self.sync_every = static, sync_every
+        self._decoders: dict[tuple, StaticDecoder] = {}
+        self.info["decode"] = static or "eager"
 
     @classmethod
     def load(cls, path: str | Path, *, device=None, dtype=None, tokenizer=None, lora=None,
-             merge_lora: bool = False, **overrides: Any) -> TorchEngine:
-        """Read a checkpoint (any supported form), find its tokenizer and build the engine."""
+             merge_lora: bool = False, compile: bool = False, cuda_graphs: bool | None = None,
+             **overrides: Any) -> TorchEngine:
+        """Read a checkpoint (any supported form), find its tokenizer and build the engine.
+
+        On CUDA the decode step runs as a CUDA graph unless ``cuda_graphs=False``;
+        ``compile=True`` compiles the static decode step with torch.compile (CPU or GPU).
+        """
         ckpt = load_checkpoint(path, **overrides)
         tok = find_tokenizer(ckpt.path, tokenizer)
-        engine = cls.from_checkpoint(ckpt, tok, device=device, dtype=dtype)
+        engine = cls.from_checkpoint(ckpt, tok, device=device, dtype=dtype, compile=compile,
+                                     cuda_graphs=cuda_graphs)
         if lora is not None:
             engine.set_lora(lora, merge=merge_lora)
         return engine
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, tokenizer: Tokenizer, *, device=None,
-                        dtype=None) -> TorchEngine:
+                        dtype=None, compile: bool = False,
+                        cuda_graphs: bool | None = None) -> TorchEngine:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         model = build_model(ckpt, dev, dt)
         info = {"path": str(ckpt.path), "file_dtype": ckpt.file_dtype, "device": str(dev),
                 "dtype": str(dt).removeprefix("torch."), "tokenizer": str(tokenizer.path)}
-        return cls(model, tokenizer, name=Path(ckpt.path).stem, info=info)
+        use_graphs = dev.type == "cuda" if cuda_graphs is None else cuda_graphs
+        static = "graph" if use_graphs else ("compile" if compile else None)
+        return cls(model, tokenizer, name=Path(ckpt.path).stem, info=info, static=static)
+
+    def _steps(self, prompts: list[list[int]], params: SamplingParams):
+        if self.static is None or not on_device(params):
+            return super()._steps(prompts, params)
+        return static_steps(self, prompts, params, self.static,
+                            1 if self.device.type == "cpu" else self.sync_every)
+
+    def _static_decoder(self, mode: str) -> StaticDecoder:
+        """One captured/compiled step per cache (the cache fixes batch bucket and length)."""
+        if mode not in self._decoders:
+            self._decoders[mode] = StaticDecoder(self.model, self.cache, mode)
+        return self._decoders[mode]
 
     def set_lora(self, lora: Any, merge: bool = False) -> None:
         """Apply (or with None remove) a LoRA adapter; implemented in backends.torch.lora."""
         from .lora import set_lora
 
         set_lora(self, lora, merge=merge)
+        self._decoders.clear()  # a captured graph would replay the old weights' kernels
 
     # ---- backend steps ------------------------------------------------------------------
     def _ensure_cache(self, batch: int, length: int) -> KVCache:
         length = min(-(-length // CACHE_STEP) * CACHE_STEP, self.config.max_position_embeddings)
         if self.cache is None or not self.cache.fits(batch, length, self.dtype):
             c = self.config
-            self.cache = None  # free the old one first
+            self.cache = None  # free the old one (and the steps captured on it) first
+            self._decoders.clear()
             self.cache = KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, length,
                                  c.head_dim, self.dtype, self.device)
         return self.cache

@@ -95,7 +95,9 @@ class Attention(nn.Module):
         q = (q * cos + rotate_half(q) * sin).transpose(1, 2)
         k = (k * cos + rotate_half(k) * sin).transpose(1, 2)
         v = v.transpose(1, 2)
-        if cache is not None:
+        if isinstance(start, torch.Tensor):  # static decode step: whole cache, shapes fixed
+            k, v = cache.update_at(self.layer, start, k, v)
+        elif cache is not None:
             k, v = cache.update(self.layer, start, k, v)
         if t == 1:
             out = self._attend_one(q, k, v, mask)
@@ -230,6 +232,25 @@ class MiniMindForCausalLM(nn.Module):
         if last_only:
             x = x[:, -1:]
         return F.linear(self.model.norm(x), self.lm_head.weight)
+
+    def decode_static(self, input_ids: torch.Tensor, cache: KVCache, pos: torch.Tensor
+                      ) -> torch.Tensor:
+        """One decode step with every shape fixed (B, cache length): ``pos`` is a 1-element
+        device tensor, so the step can be captured as a CUDA graph or compiled."""
+        x = self.model.embed_tokens(input_ids)
+        cos_t, sin_t = self.rope_cos, self.rope_sin  # built to the cache length beforehand
+        row_pos = (pos - cache.pad).clamp(min=0)  # [B]: RoPE position of each row
+        cos, sin = cos_t[row_pos][:, None, None, :], sin_t[row_pos][:, None, None, :]
+        mask = cache.static_mask(pos)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, pos, mask)
+        return F.linear(self.model.norm(x), self.lm_head.weight)[:, -1]
+
+    def set_dense_routing(self, dense: bool) -> None:
+        """MoE layers compute every expert, masked: no data-dependent shapes or host syncs."""
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.dense_routing = dense
 
     @torch.no_grad()
     def fuse(self) -> None:
