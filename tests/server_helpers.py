@@ -1,0 +1,134 @@
+"""Shared by the server and web-page tests: a scripted Engine and a uvicorn server in a thread.
+
+``ScriptedEngine`` is a real ``Engine`` — prompts go through the real chat template and
+tokenizer, and replies through the shared token loop (TextAssembler, stop strings, usage) —
+whose "model" plays back a scripted reply, token by token, chosen by the last user message.
+So the tests can ask for replies a random tiny model could never write (``<think>`` blocks,
+``<tool_call>`` JSON) and still exercise every layer between the socket and the token loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from conftest import CHATML, build_tokenizer, tiny_config
+
+from minimind_core.engine import Engine
+from minimind_core.tokenizer import Tokenizer
+
+# ChatML plus the two template features the server relies on: tool definitions and
+# MiniMind-3's `open_thinking` (the prompt then ends inside an open <think> block).
+TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n# Tools\n{% for t in tools %}"
+    "{{ t.function.name }}\n{% endfor %}<|im_end|>\n{% endif %}"
+    + CHATML
+    + "{% if add_generation_prompt and open_thinking is defined and open_thinking %}"
+      "{{ '<think>\\n' }}{% endif %}"
+)
+
+ENDLESS = object()  # a reply that never ends (only max_tokens or a cancel stops it)
+
+
+def make_tokenizer(folder: Path) -> Tokenizer:
+    return Tokenizer.from_folder(build_tokenizer(folder, chat_template=TEMPLATE))
+
+
+def last_user_text(prompt: str) -> str:
+    """The content of the last ChatML user message, or the whole prompt for raw completions."""
+    start = prompt.rfind("<|im_start|>user\n")
+    if start < 0:
+        return prompt
+    start += len("<|im_start|>user\n")
+    return prompt[start:prompt.find("<|im_end|>", start)]
+
+
+class ScriptedEngine(Engine):
+    """An Engine whose next tokens come from ``replies[last user text]`` (default: an echo).
+
+    Every generation is recorded in ``generations`` as ``{"prompt": text, "tokens": n}``, where
+    n counts the tokens the token loop actually asked for — the test's measure of wasted work.
+    ``delay`` seconds pass before each token, like a slow model.
+    """
+
+    backend = "scripted"
+
+    def __init__(self, tokenizer: Tokenizer, *, window: int = 4096, delay: float = 0.0) -> None:
+        config = tiny_config("minimind3", max_position_embeddings=window,
+                             vocab_size=max(512, len(tokenizer)))
+        super().__init__(config, tokenizer, name="scripted-minimind")
+        self.replies: dict[str, object] = {}
+        self.delay = delay
+        self.generations: list[dict] = []
+
+    def generation_for(self, user_text: str) -> dict:
+        """The one recorded generation whose last user message was ``user_text``."""
+        (record,) = [g for g in self.generations if last_user_text(g["prompt"]) == user_text]
+        return record
+
+    def reply_for(self, prompt_text: str) -> object:
+        user = last_user_text(prompt_text)
+        return self.replies.get(user, f"echo: {user}")
+
+    def _steps(self, prompts, params):
+        eos = self.tokenizer.eos_token_id
+        scripts, records = [], []
+        for ids in prompts:
+            text = self.tokenizer.decode(ids, skip_special_tokens=False)
+            reply = self.reply_for(text)
+            record = {"prompt": text, "tokens": 0}
+            self.generations.append(record)
+            records.append(record)
+            if reply is ENDLESS:
+                scripts.append(itertools.repeat(self.tokenizer.encode(" la")[0]))
+            else:
+                scripts.append(itertools.chain(self.tokenizer.encode(reply), itertools.repeat(eos)))
+        while True:
+            if self.delay:
+                time.sleep(self.delay)
+            for record in records:
+                record["tokens"] += 1
+            yield np.array([next(s) for s in scripts], dtype=np.int64)
+
+    def _prefill(self, prompts, max_len):  # pragma: no cover - _steps replaces the loop
+        raise NotImplementedError
+
+    def _decode(self, tokens):  # pragma: no cover
+        raise NotImplementedError
+
+    def _logits(self, ids):  # pragma: no cover
+        raise NotImplementedError
+
+
+class ServerThread:
+    """``with ServerThread(app) as s:`` — uvicorn on 127.0.0.1 at a free port (``s.url``)."""
+
+    def __init__(self, app, shutdown_timeout: float = 2.0) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                timeout_graceful_shutdown=shutdown_timeout)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = ""
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
