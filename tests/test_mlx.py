@@ -244,8 +244,3 @@ def test_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError):
         load(tmp_path / "nope.pth", backend="mlx")
 
-
-def test_lora_waits_for_issue_6(make_checkpoint):
-    path, config, _ = make_checkpoint("minimind3")
-    with pytest.raises(NotImplementedError, match="issue 6"):
-        load(path, backend="mlx", device="cpu", lora=path)
