@@ -90,6 +90,11 @@ class _Buffer:
 def read_line_from(stdin: TextIO, out: TextIO, prompt: str = ">> ") -> Callable[[], str | None]:
     """A reader returning the next line (None at end of input); prompts only on a terminal."""
     interactive = stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:  # Windows
+            pass
 
     def read() -> str | None:
         if interactive:
@@ -147,6 +152,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print tokens as they come (default on)")
     g.add_argument("-q", "--quiet", action="store_true", help="no stats line after each reply")
+    g.add_argument("--show_speed", type=int, choices=(0, 1), default=None,
+                   help="upstream's flag: 0 = --quiet")
     g.add_argument("--raw", action="store_true", default=None,
                    help="no chat template and no history: continue each line as text "
                         "(default for upstream's --weight pretrain)")
@@ -167,7 +174,7 @@ def main(args: argparse.Namespace) -> int:
     prefix = (engine.tokenizer.bos_token or "") if raw and args.raw is None else ""
     session = ChatSession(params=params, system=args.system, max_history=max_history,
                           template_kwargs=common.template_kwargs(args), stream=args.stream,
-                          quiet=args.quiet, raw=raw, prefix=prefix)
+                          quiet=args.quiet or args.show_speed == 0, raw=raw, prefix=prefix)
     if sys.stdin.isatty():
         desc = engine.describe()
         sys.stderr.write(f"{desc['name']} ({desc['kind']}, {desc['backend']}). {BANNER}\n")

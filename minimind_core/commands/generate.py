@@ -64,6 +64,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                      help="print tokens as they come (default: when stdout is a terminal)")
     out.add_argument("-q", "--quiet", action="store_true",
                      help="no stats line on stderr after the reply")
+    out.add_argument("--show_speed", type=int, choices=(0, 1), default=None,
+                     help="upstream's flag: 0 = --quiet")
     common.add_template_args(parser)
     common.add_sampling_args(parser)
     common.add_model_args(parser)
@@ -101,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         print(result.text)
-    if not args.quiet:
+    if not (args.quiet or args.show_speed == 0):
         print_stats(ReplyStats(result.completion_tokens, result.prompt_tokens,
                                result.tokens_per_second, result.time_to_first_token,
                                result.finish_reason, result.finish_reason == "interrupted"))
