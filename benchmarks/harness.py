@@ -1,0 +1,292 @@
+"""Shared measurement code for bench_decode.py (CPU) and bench_gpu.py (CUDA).
+
+Each (implementation, shape) runs in its own subprocess so peak memory is its own; both sides
+get the same random weights. Timings are medians of a few repeats; what matters is the ratio
+between rows measured in one run, not the absolute figure on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {
+    # name: (generation, hidden, layers, use_moe)
+    "minimind2-small": ("minimind2", 512, 8, False),
+    "minimind2": ("minimind2", 768, 16, False),
+    "minimind2-moe": ("minimind2", 640, 8, True),
+    "minimind-3": ("minimind3", 768, 8, False),
+    "minimind-3-moe": ("minimind3", 768, 8, True),
+}
+
+
+def config_for(shape: str):
+    from minimind_core.config import ModelConfig
+
+    generation, hidden, layers, moe = SHAPES[shape]
+    return ModelConfig.for_generation(generation, hidden, layers, use_moe=moe)
+
+
+def random_state(config, seed: int = 0) -> dict[str, np.ndarray]:
+    from minimind_core.checkpoint import expected_shapes
+
+    rng = np.random.default_rng(seed)
+    return {k: (1.0 + 0.02 * rng.standard_normal(s) if k.endswith("norm.weight") or
+                "layernorm" in k else 0.02 * rng.standard_normal(s)).astype(np.float32)
+            for k, s in expected_shapes(config).items()}
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def write_weights(shape: str) -> Path:
+    """Random weights of a released shape as a safetensors file in a temp folder."""
+    from safetensors.numpy import save_file
+
+    path = Path(tempfile.mkdtemp()) / "weights.safetensors"
+    save_file(random_state(config_for(shape)), str(path))
+    return path
+
+
+def bench_ours(shape: str, a: argparse.Namespace) -> dict:
+    import torch
+
+    from minimind_core import load
+    from minimind_core.demo import demo_model_path
+    from minimind_core.params import SamplingParams
+
+    config = config_for(shape)
+    path = write_weights(shape)
+    t0 = time.perf_counter()
+    engine = load(path, backend="torch", device=a.device, dtype=a.dtype,
+                  tokenizer=demo_model_path(), compile=a.impl == "ours-compiled",
+                  cuda_graphs=False if a.impl == "ours-eager" else None)
+    first = engine._steps([[1, 2, 3, 4]], SamplingParams(max_new_tokens=2))
+    next(first)
+    out = {"load_to_first_token_s": time.perf_counter() - t0}
+    first.close()
+    rng = np.random.default_rng(1)
+    greedy = SamplingParams(max_new_tokens=a.new_tokens)
+
+    def decode(batch: int) -> float:
+        prompts = [rng.integers(3, config.vocab_size, a.prompt_tokens).tolist()
+                   for _ in range(batch)]
+
+        def run() -> float:
+            steps = engine._steps(prompts, greedy)
+            next(steps)  # prefill + first token
+            sync(a.device)
+            t = time.perf_counter()
+            for _ in range(a.new_tokens - 1):
+                next(steps)
+            sync(a.device)
+            dt = time.perf_counter() - t
+            steps.close()
+            return batch * (a.new_tokens - 1) / dt
+
+        run()  # warm-up (and graph capture / compile)
+        return statistics.median(run() for _ in range(a.repeats))
+
+    for b in a.batches:
+        out[f"decode_b{b}"] = decode(b)
+    long = [rng.integers(3, config.vocab_size, a.prefill_tokens).tolist()]
+
+    def prefill() -> None:
+        with torch.inference_mode():
+            engine._prefill(long, a.prefill_tokens + 8)
+        sync(a.device)
+
+    prefill()
+    out["ttft_prefill_s"] = median_time(prefill, a.repeats)
+    out["prefill_tok_s"] = a.prefill_tokens / out["ttft_prefill_s"]
+    return out
+
+
+def bench_transformers(shape: str, a: argparse.Namespace) -> dict:
+    """transformers' own generate on the same weights, exported with our to_hf converter."""
+    import torch
+    import transformers
+
+    from converters.to_hf import convert
+    from minimind_core.demo import demo_model_path
+
+    config = config_for(shape)
+    if config.kind == "minimind2-moe":
+        return {"skipped": "no stock transformers class for MiniMind2-MoE"}
+    folder = convert(write_weights(shape), Path(tempfile.mkdtemp()) / "hf",
+                     tokenizer=demo_model_path(), progress=False)
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[a.dtype]
+    t0 = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(a.device).eval()
+    gen = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    if a.impl == "transformers-static":
+        gen["cache_implementation"] = "static"
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+    rng = np.random.default_rng(1)
+    out: dict = {}
+
+    def rate(batch: int) -> float:
+        ids = torch.tensor([rng.integers(3, config.vocab_size, a.prompt_tokens).tolist()
+                            for _ in range(batch)], device=a.device)
+
+        def one(n: int) -> float:
+            sync(a.device)
+            t = time.perf_counter()
+            with torch.inference_mode():
+                model.generate(ids, max_new_tokens=n, min_new_tokens=n, **gen)
+            sync(a.device)
+            return time.perf_counter() - t
+
+        one(2)  # warm-up
+        out.setdefault("load_to_first_token_s", time.perf_counter() - t0)
+        one(a.new_tokens)
+        rates = []
+        for _ in range(a.repeats):
+            t1, tn = one(1), one(a.new_tokens)
+            rates.append(batch * (a.new_tokens - 1) / max(tn - t1, 1e-9))
+        return statistics.median(rates)
+
+    for b in a.batches:
+        out[f"decode_b{b}"] = rate(b)
+    long = torch.tensor([rng.integers(3, config.vocab_size, a.prefill_tokens).tolist()],
+                        device=a.device)
+
+    def prefill() -> None:
+        with torch.inference_mode():
+            model(long)
+        sync(a.device)
+
+    prefill()
+    out["ttft_prefill_s"] = median_time(prefill, a.repeats)
+    out["prefill_tok_s"] = a.prefill_tokens / out["ttft_prefill_s"]
+    return out
+
+
+def bench_floor(shape: str, a: argparse.Namespace) -> dict:
+    """A lower bound on time per token: one matrix-vector product per weight matrix, nothing else."""
+    import torch
+
+    # every 2-D weight once (the tied embedding stands for the head); dense shapes only
+    mats = [torch.from_numpy(v).to(a.device) for v in random_state(config_for(shape)).values()
+            if v.ndim == 2]
+    xs = {m.shape[1]: torch.randn(m.shape[1], device=a.device) for m in mats}
+
+    def token() -> None:
+        for m in mats:
+            m @ xs[m.shape[1]]
+        sync(a.device)
+
+    token()
+    t = median_time(lambda: [token() for _ in range(20)], a.repeats) / 20
+    return {"decode_b1": 1 / t}
+
+
+def worker(a: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    if a.impl == "matvec-floor":
+        result = bench_floor(a.shape, a)
+    elif a.impl.startswith("transformers"):
+        result = bench_transformers(a.shape, a)
+    else:
+        result = bench_ours(a.shape, a)
+    if a.device.startswith("cuda"):
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def run_all(impls: list[str], a: argparse.Namespace) -> dict[tuple[str, str], dict]:
+    """Run every (impl, shape) in its own subprocess; returns their result dicts."""
+    results = {}
+    for shape in a.shapes:
+        for impl in impls:
+            cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--shape", shape,
+                   "--device", a.device, "--dtype", a.dtype, "--threads", str(a.threads),
+                   "--new-tokens", str(a.new_tokens), "--prompt-tokens", str(a.prompt_tokens),
+                   "--prefill-tokens", str(a.prefill_tokens), "--repeats", str(a.repeats),
+                   "--batches", *map(str, a.batches)]
+            env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + str(Path(__file__).parent)}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode or not line:
+                results[(shape, impl)] = {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+            else:
+                results[(shape, impl)] = json.loads(line[0][7:])
+            print(f"  measured {shape} / {impl}", file=sys.stderr)
+    return results
+
+
+def table(results: dict, impls: list[str], a: argparse.Namespace, baseline: str) -> str:
+    """A markdown table with one row per (shape, impl) and the ratio to ``baseline``."""
+    cols = [f"decode_b{b}" for b in a.batches] + ["prefill_tok_s", "ttft_prefill_s",
+                                                   "load_to_first_token_s"]
+    mem = "peak_gpu_mb" if a.device.startswith("cuda") else "peak_rss_mb"
+    head = ["model", "implementation"] + [f"decode tok/s b={b}" for b in a.batches] + [
+        f"prefill tok/s ({a.prefill_tokens})", "TTFT (s)", "load→1st token (s)", mem.replace("_", " "),
+        f"b=1 vs {baseline}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for shape in a.shapes:
+        base = results.get((shape, baseline), {}).get(cols[0])
+        for impl in impls:
+            r = results[(shape, impl)]
+            if "error" in r or "skipped" in r or len(r) < 3:
+                if len(r) < 3 and "decode_b1" in r:  # the floor row: one figure
+                    r = {"skipped": f"{r['decode_b1']:.1f} tok/s at b=1 (weights read once)"}
+                lines.append(f"| {shape} | {impl} | " + (r.get("error") or r["skipped"]) +
+                             " |" * (len(head) - 2))
+                continue
+            cells = [f"{r[c]:.1f}" if "tok_s" in c or c.startswith("decode") else f"{r[c]:.3f}"
+                     for c in cols]
+            ratio = f"{r[cols[0]] / base:.2f}x" if base else "–"
+            lines.append(f"| {shape} | {impl} | " + " | ".join(cells) + f" | {r[mem]:.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def parser(defaults: dict) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--impl", default="ours")
+    p.add_argument("--shape", default="minimind2-small")
+    p.add_argument("--shapes", nargs="+", default=defaults["shapes"], choices=list(SHAPES))
+    p.add_argument("--device", default=defaults["device"])
+    p.add_argument("--dtype", default=defaults["dtype"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batches", type=int, nargs="+", default=defaults["batches"])
+    p.add_argument("--new-tokens", type=int, default=defaults["new_tokens"])
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    return p
+
+
+if __name__ == "__main__":
+    worker(parser({"shapes": [], "device": "cpu", "dtype": "float32", "batches": [1],
+                   "new_tokens": 64}).parse_args())
