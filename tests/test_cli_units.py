@@ -160,6 +160,7 @@ class ScriptedEngine:
         self.replies = list(replies)
         self.calls: list[dict] = []
         self.closed = 0
+        self.generators = []
         self.interrupt_after = interrupt_after
         self.formatter = types.SimpleNamespace(render=lambda messages, **kw: "")
 
@@ -179,7 +180,9 @@ class ScriptedEngine:
             finally:
                 self.closed += 1
 
-        return chunks()
+        gen = chunks()
+        self.generators.append(gen)  # held, so only an explicit close() runs its finally
+        return gen
 
 
 def drive(engine, lines: str, session: ChatSession | None = None, out=None):
