@@ -13,6 +13,17 @@ from minimind_core.checkpoint import expected_shapes
 from minimind_core.config import MINIMIND2, MINIMIND3, ModelConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def pytest_configure(config) -> None:
+    # Tiny test models gain nothing from intra-op threads, and on a busy machine OpenMP's
+    # spinning barriers make each small op take milliseconds (measured: 250 vs 10 tok/s).
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)
+
 TOKENIZERS = SHARED / "minimind-tokenizers"
 
 CHATML = (
