@@ -83,7 +83,7 @@ class ScriptedEngine(Engine):
             self.generations.append(record)
             records.append(record)
             if reply is ENDLESS:
-                scripts.append(itertools.repeat(self.tokenizer.encode(" la")[0]))
+                scripts.append(itertools.cycle(self.tokenizer.encode(" la")))
             else:
                 scripts.append(itertools.chain(self.tokenizer.encode(reply), itertools.repeat(eos)))
         while True:
