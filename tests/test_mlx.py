@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 torch = pytest.importorskip("torch")
 
-from conftest import KINDS, random_weights, save_pth, tiny_config  # noqa: E402
+from conftest import KINDS, TOKENIZERS, random_weights, save_pth, tiny_config  # noqa: E402
 
 from minimind_core import load  # noqa: E402
 from minimind_core.config import YARN_DEFAULTS  # noqa: E402
@@ -115,6 +116,31 @@ def test_chat_prompt_ids_and_answers_match_torch(make_checkpoint):
     assert rb.prompt_tokens == len(ids)
     assert rb.token_ids == ra.token_ids
 
+
+
+@pytest.mark.parametrize("generation", ["minimind2", "minimind3"])
+def test_real_tokenizers_give_identical_prompt_ids(tmp_path, generation):
+    """Upstream's own tokenizers and templates: both backends send transformers' prompt ids."""
+    folder = TOKENIZERS / generation
+    if not (folder / "tokenizer.json").is_file():
+        pytest.skip(f"{folder} not available")
+    transformers = pytest.importorskip("transformers")
+    config = tiny_config(generation, vocab_size=6400)
+    path = save_pth(random_weights(config), tmp_path / "out" / "full_sft_64.pth")
+    kw = {"tokenizer": folder, **_heads(config)}
+    te, me = load(path, backend="torch", **kw), load(path, backend="mlx", device="cpu", **kw)
+    reference = transformers.AutoTokenizer.from_pretrained(folder)
+    conversations = [MESSAGES[1:], MESSAGES,
+                     [*MESSAGES, {"role": "assistant", "content": "fine"},
+                      {"role": "user", "content": "你好"}]]
+    for messages in conversations:
+        ids = me.chat_ids(messages)
+        assert ids == te.chat_ids(messages)
+        expected = reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        expected = expected["input_ids"] if isinstance(expected, Mapping) else expected
+        assert ids == list(expected)
+    assert (me.chat(MESSAGES, max_new_tokens=8).token_ids
+            == te.chat(MESSAGES, max_new_tokens=8).token_ids)
 
 # --- the token loop ------------------------------------------------------------------------------
 
