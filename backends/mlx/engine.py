@@ -2,8 +2,11 @@
 
 Prompt ids always come from the shared ChatFormatter (the Engine base class), never from
 mlx_lm's tokenizer wrapper, so both backends feed the model the same ids. One prompt runs
-through ``mlx_lm.generate_step``; a batch of several runs as one left-padded batch
-(``BatchKVCache``) in a small loop here, with the same mlx_lm sampler and logits processors.
+through ``mlx_lm.generate_step`` (the token layer under ``stream_generate``; text assembly, stop
+strings and timings are the shared Engine's, so mlx_lm's detokenizer is not needed); a batch of
+several runs as one left-padded batch (``BatchKVCache``) in a small loop here, with the same
+mlx_lm sampler and logits processors. Each engine computes on its own stream for its device, so
+loading a model never changes MLX's global default device.
 """
 
 from __future__ import annotations
