@@ -28,6 +28,7 @@ from .common import Progress, atomic_dir, copy_tokenizer, folder_size, sha256_fi
 
 CONVERTER_VERSION = 1
 DTYPES = ("float16", "bfloat16", "float32")
+_DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 MINIMIND2_MOE_NOTE = """\
 # {name} (MiniMind2-MoE, MLX)
@@ -62,6 +63,7 @@ def convert(src: str | Path, dst: str | Path, *, q_bits: int | None = None, q_gr
     from backends.mlx.load import build_model, check_quantization, parse_dtype, quantize
 
     # Every argument is checked before anything is read or written.
+    dtype = _DTYPE_ALIASES.get(dtype, dtype) if dtype is not None else "float16"
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     bits = check_quantization(q_bits, q_group_size)
