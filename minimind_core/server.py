@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .commands.common import add_model_args, load_engine
 from .openai_schema import (
     APIError,
     ChatRequest,
@@ -470,15 +471,15 @@ def _origins(values: list[str] | None) -> list[str] | None:
 def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``serve`` options to ``parser`` (used by ``minimind serve`` and ``main``)."""
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default=None,
+    model.add_argument("-m", "--model", default=None, metavar="PATH",
                        help="a .pth/.safetensors file or a transformers/MLX folder "
                             "(default: the embedded demo model)")
     model.add_argument("--backend", default="auto", help="torch, mlx or auto (default: auto)")
     model.add_argument("--device", default=None, help="cuda, mps or cpu (default: best found)")
     model.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
-    model.add_argument("--tokenizer", default=None, help="tokenizer folder (default: found "
+    model.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer folder (default: found "
                                                          "beside the weights)")
-    model.add_argument("--lora", default=None, help="an upstream LoRA file applied to every "
+    model.add_argument("--lora", default=None, metavar="PATH", help="an upstream LoRA file applied to every "
                                                     "request")
     model.add_argument("--served-model-name", default=None,
                        help="the model id clients send (default: the weights' file name)")
@@ -515,22 +516,28 @@ def serve(app: "FastAPI", host: str = "127.0.0.1", port: int = 8000, *, log_leve
     uvicorn.Server(config).run()
 
 
-def run(args: argparse.Namespace) -> int:
-    """Load the model named by ``args`` (see ``configure_parser``) and serve it; 0 on a clean
-    shutdown, 2 when the model cannot be loaded."""
-    from . import load
+# Upstream eval_llm.py's path flags; `minimind serve` resolves them into --model/--lora first.
+_UPSTREAM_FLAGS = ("load_from", "save_dir", "weight", "lora_weight", "use_moe")
 
-    try:
-        defaults = SamplingParams(max_new_tokens=DEFAULT_SAMPLING.max_new_tokens,
-                                  temperature=args.temperature, top_p=args.top_p)
-        engine = load(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-                      tokenizer=args.tokenizer, lora=args.lora)
-        app = create_app(engine, model_name=args.served_model_name, api_key=args.api_key,
-                         cors=_origins(args.cors), max_tokens_cap=args.max_tokens,
-                         max_queue=args.max_queue, defaults=defaults)
-    except (ValueError, OSError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _load_engine(args: argparse.Namespace) -> "Engine":
+    if getattr(args, "model", None) and any(getattr(args, f, None) not in (None, "None")
+                                            for f in _UPSTREAM_FLAGS):
+        # Already resolved by `minimind serve`: load that path, not the flags a second time.
+        args = argparse.Namespace(**{**vars(args), **dict.fromkeys(_UPSTREAM_FLAGS)})
+    return load_engine(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model the flags name (see ``configure_parser``; with no model, the embedded
+    demo) and serve it until SIGINT/SIGTERM. Raises ValueError/OSError/ImportError when the
+    model cannot be loaded."""
+    defaults = SamplingParams(max_new_tokens=DEFAULT_SAMPLING.max_new_tokens,
+                              temperature=args.temperature, top_p=args.top_p)
+    engine = _load_engine(args)
+    app = create_app(engine, model_name=args.served_model_name, api_key=args.api_key,
+                     cors=_origins(args.cors), max_tokens_cap=args.max_tokens,
+                     max_queue=args.max_queue, defaults=defaults)
     name = args.served_model_name or engine.name
     print(f"Serving {name} ({engine.backend}) on http://{args.host}:{args.port} "
           f"— chat page at /, OpenAI API at /v1", file=sys.stderr, flush=True)
@@ -539,12 +546,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m minimind_core.server [options]``."""
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m minimind_core.server``: the server's flags plus every model
+    flag ``minimind serve`` takes (upstream's --save_dir/--weight, --q-bits, overrides)."""
     parser = configure_parser(argparse.ArgumentParser(
-        prog="minimind serve", description="Serve a MiniMind model over an OpenAI-compatible "
-                                           "HTTP API with a web chat page."))
-    return run(parser.parse_args(argv))
+        prog="python -m minimind_core.server",
+        description="Serve a MiniMind model over an OpenAI-compatible HTTP API with a web chat "
+                    "page (the same as `minimind serve`)."))
+    add_model_args(parser, skip=frozenset(parser._option_string_actions))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m minimind_core.server [options]``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError, ImportError) as e:
+        print(f"minimind serve: error: {e}", file=sys.stderr)
+        return 1
 
 
 serve_main = main

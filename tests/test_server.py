@@ -310,6 +310,61 @@ def test_seeded_sampling_params_accepted(client, engine):
     assert r.choices[0].message.content == "echo: params"
 
 
+@pytest.fixture(scope="module")
+def minimind3_server():
+    """A ScriptedEngine behind MiniMind-3's real tokenizer and chat template."""
+    if not (TOKENIZERS / "minimind3" / "tokenizer.json").is_file():
+        pytest.skip("needs ../shared/minimind-tokenizers/minimind3")
+    from minimind_core.tokenizer import Tokenizer
+
+    engine = ScriptedEngine(Tokenizer.from_folder(TOKENIZERS / "minimind3"))
+    with ServerThread(create_app(engine, model_name="minimind-3")) as s, openai.OpenAI(
+            base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=30) as c:
+        yield engine, c
+
+
+def test_minimind3_template_thinking(minimind3_server):
+    engine, c = minimind3_server
+    engine.replies["2+2?"] = "Add two and two.\n</think>\n\n4"
+    r = c.chat.completions.create(model="minimind-3", messages=user("2+2?"),
+                                  extra_body={"chat_template_kwargs": {"open_thinking": True}})
+    assert engine.generations[-1]["prompt"].endswith("<|im_start|>assistant\n<think>\n")
+    message = r.choices[0].message.model_dump()
+    assert (message["reasoning_content"], message["content"]) == ("Add two and two.", "4")
+    chunks = list(c.chat.completions.create(
+        model="minimind-3", messages=user("2+2?"), stream=True,
+        extra_body={"chat_template_kwargs": {"open_thinking": True}}))
+    deltas = [ch.choices[0].delta.model_dump() for ch in chunks if ch.choices]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == "Add two and two."
+    assert "".join(d.get("content") or "" for d in deltas) == "4"
+    # by default the template closes an empty thinking block itself
+    engine.replies["plain"] = "Just an answer."
+    r = c.chat.completions.create(model="minimind-3", messages=user("plain"))
+    assert engine.generations[-1]["prompt"].endswith("<think>\n\n</think>\n\n")
+    message = r.choices[0].message.model_dump()
+    assert message["content"] == "Just an answer." and "reasoning_content" not in message
+
+
+def test_minimind3_tool_round_trip(minimind3_server):
+    """A tool call from the model, then its result sent back: the agent loop OpenAI clients run."""
+    engine, c = minimind3_server
+    engine.replies["weather in Beijing?"] = CALL
+    messages = user("weather in Beijing?")
+    r = c.chat.completions.create(model="minimind-3", messages=messages, tools=WEATHER)
+    prompt = engine.generations[-1]["prompt"]
+    assert "<tools>" in prompt and '"name": "get_weather"' in prompt
+    assert r.choices[0].finish_reason == "tool_calls"
+    call = r.choices[0].message.tool_calls[0]
+    messages += [r.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "晴，25°C"}]
+    r = c.chat.completions.create(model="minimind-3", messages=messages, tools=WEATHER)
+    prompt = engine.generations[-1]["prompt"]
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>' \
+        in prompt
+    assert "<tool_response>\n晴，25°C\n</tool_response>" in prompt
+    assert r.choices[0].finish_reason == "stop"
+
+
 # -- completions, models, health ------------------------------------------------------------
 
 
@@ -690,5 +745,6 @@ def test_bad_model_path_exits_with_message(tmp_path, capsys):
     from minimind_core.server import main
 
     missing = tmp_path / "nope.pth"
-    assert main(["--model", str(missing), "--backend", "torch"]) == 2
-    assert capsys.readouterr().err.startswith("error: ")
+    assert main(["--model", str(missing), "--backend", "torch"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("minimind serve: error: ") and "nope.pth" in err
