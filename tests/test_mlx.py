@@ -91,6 +91,26 @@ def test_rope_follows_the_rotate_half_formula():
     assert np.abs(got - expected).max() < 1e-5
 
 
+@pytest.mark.parametrize("weight_in_fp32", [False, True])
+def test_rmsnorm_rounds_like_each_generation_in_fp16(weight_in_fp32):
+    """FORMATS.md: MiniMind2 ``w * (x.float() * r).type_as(x)``; MiniMind-3 ``(w * x.float() * r).type_as(x)``."""
+    from backends.mlx.model import RMSNorm
+
+    rng = np.random.default_rng(0)
+    x = (3 * rng.standard_normal((64, 256))).astype(np.float16)
+    w = (1 + 0.3 * rng.standard_normal(256)).astype(np.float16)
+    xf = x.astype(np.float32)
+    normed = xf / np.sqrt((xf * xf).mean(-1, keepdims=True) + np.float32(1e-5))
+    minimind2 = w * normed.astype(np.float16)  # fp16 product, rounded once more
+    minimind3 = (w.astype(np.float32) * normed).astype(np.float16)
+    norm = RMSNorm(256, 1e-5, weight_in_fp32)
+    norm.weight = mx.array(w)
+    got = np.array(norm(mx.array(x)))
+    want, other = (minimind3, minimind2) if weight_in_fp32 else (minimind2, minimind3)
+    assert got.dtype == np.float16
+    assert (got == want).mean() >= 0.999  # an ulp here and there from rsqrt
+    assert (got == other).mean() < 0.95  # the two roundings really differ on this input
+
 @pytest.mark.parametrize("kind", ["minimind2", "minimind3"])
 def test_half_precision_close_to_torch(make_checkpoint, kind):
     path, config, _ = make_checkpoint(kind)

@@ -31,9 +31,9 @@ _PREFIXES = ("module.", "_orig_mod.")
 class RMSNorm(nn.Module):
     """RMSNorm with each generation's rounding in half precision (identical in fp32).
 
-    MiniMind2: ``w * (x.float() * rsqrt(...)).type_as(x)``, i.e. cast, then multiply by the weight.
-    MiniMind-3: ``(w * x.float() * rsqrt(...)).type_as(x)``, one rounding at the end, which is
-    what ``mx.fast.rms_norm`` does (it accumulates in fp32).
+    MiniMind2: ``w * (x.float() * rsqrt(...)).type_as(x)``, i.e. cast, then multiply by the weight
+    (what ``mx.fast.rms_norm`` does in half precision). MiniMind-3:
+    ``(w * x.float() * rsqrt(...)).type_as(x)``, one rounding at the end, so it runs in fp32.
     """
 
     def __init__(self, dims: int, eps: float, weight_in_fp32: bool) -> None:
@@ -42,8 +42,10 @@ class RMSNorm(nn.Module):
         self.eps, self.weight_in_fp32 = eps, weight_in_fp32
 
     def __call__(self, x: mx.array) -> mx.array:
-        if self.weight_in_fp32 or x.dtype == mx.float32:
+        if x.dtype == mx.float32:
             return mx.fast.rms_norm(x, self.weight, self.eps)
+        if self.weight_in_fp32:
+            return mx.fast.rms_norm(x.astype(mx.float32), self.weight, self.eps).astype(x.dtype)
         return mx.fast.rms_norm(x, None, self.eps) * self.weight
 
 
