@@ -198,11 +198,12 @@ async def _read_json(request: "Request") -> Any:
         raise APIError(400, f"could not parse the JSON body: {e}", code="invalid_json") from e
 
 
-def _chat_prompt(engine: "Engine", req: ChatRequest) -> list[int]:
-    """Prompt ids through the model's template; 413 when even the last turn cannot fit."""
+def _chat_prompt(engine: "Engine", req: ChatRequest) -> bool:
+    """Check the prompt fits (413 when even the last turn cannot) and say whether it leaves a
+    ``<think>`` block open, so the reply starts inside it."""
     try:
-        return engine.chat_ids(req.messages, tools=req.tools,
-                               max_new_tokens=req.params.max_new_tokens, **req.template_kwargs)
+        ids = engine.chat_ids(req.messages, tools=req.tools,
+                              max_new_tokens=req.params.max_new_tokens, **req.template_kwargs)
     except TypeError as e:  # a chat_template_kwargs key that clashes with an argument
         raise APIError(400, f"bad chat_template_kwargs: {e}",
                        param="chat_template_kwargs") from e
@@ -210,6 +211,7 @@ def _chat_prompt(engine: "Engine", req: ChatRequest) -> list[int]:
         if "context window" in str(e):
             raise APIError(413, str(e), param="messages", code="context_length_exceeded") from e
         raise APIError(400, str(e), param="messages") from e
+    return prompt_opens_think(engine.tokenizer.decode(ids, skip_special_tokens=False))
 
 
 async def chat_completions(state: _State, request: "Request"):
@@ -222,9 +224,8 @@ async def chat_completions(state: _State, request: "Request"):
                              window=engine.config.max_position_embeddings,
                              max_tokens_cap=state.max_tokens_cap)
     model = state.check_model(req.model)
-    ids = await run_in_threadpool(_chat_prompt, engine, req)
-    parser = ReplyParser(parse_tools=req.parse_tools, in_think=prompt_opens_think(
-        engine.tokenizer.decode(ids, skip_special_tokens=False)))
+    in_think = await run_in_threadpool(_chat_prompt, engine, req)
+    parser = ReplyParser(parse_tools=req.parse_tools, in_think=in_think)
     job = state.submit(partial(engine.stream_chat, req.messages, req.params, tools=req.tools,
                                template_kwargs=req.template_kwargs))
     rid, created = new_id("chatcmpl"), int(time.time())
@@ -439,8 +440,12 @@ def create_app(engine_or_factory: "Engine | Callable[[], Engine]", *, model_name
     @app.get("/health")
     async def _health():
         worker = state.worker
-        return {"status": "ok" if state.engine is not None else "loading",
+        engine = state.engine
+        return {"status": "ok" if engine is not None else "loading",
                 "model": state.name, "auth": state.api_key is not None,
+                "max_tokens": state.max_tokens_cap, "default_max_tokens":
+                state.defaults.max_new_tokens, "context_window":
+                engine.config.max_position_embeddings if engine is not None else None,
                 "running": int(worker is not None and worker.running is not None),
                 "waiting": worker.waiting if worker is not None else 0}
 

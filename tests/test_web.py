@@ -97,6 +97,8 @@ class Browser:
         target = self.send("Target.createTarget", {"url": url}, session=False)["targetId"]
         self.session = self.send("Target.attachToTarget",
                                  {"targetId": target, "flatten": True}, session=False)["sessionId"]
+        # the new tab starts on about:blank; wait until our page has loaded
+        self.wait_for(f"location.href === {json.dumps(url)} && document.readyState === 'complete'")
 
     def js(self, expression: str):
         result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
@@ -235,3 +237,12 @@ def test_page_history_settings_stop_and_clear(server, engine, browser, tmp_path)
 
     browser.js("document.getElementById('clear').click()")
     assert browser.js("document.querySelectorAll('#messages .message').length") == 0
+
+
+def test_page_respects_the_server_cap(engine, browser):
+    """With `--max-tokens 5` the page asks for at most 5 tokens instead of getting a 400."""
+    with ServerThread(create_app(engine, model_name="capped", max_tokens_cap=5)) as s:
+        browser.open(s.url + "/?autosend=hello")
+        done = browser.wait_for(last_where("s.finish"))
+    assert done["finish"] == "length" and "cut at max tokens" in done["meta"]
+    assert browser.js("document.getElementById('max-tokens').value") == "5"

@@ -7,6 +7,7 @@ const $ = (id) => document.getElementById(id);
 const conversation = []; // the conversation sent with each request: {role, content}
 let controller = null; // AbortController of the reply being streamed
 let modelName = null;
+let maxTokensCap = Infinity; // the server's limit, from /health
 
 // ---- settings -------------------------------------------------------------------------------
 
@@ -184,7 +185,8 @@ function requestBody() {
     stream_options: { include_usage: true },
     temperature: Number($("temperature").value),
     top_p: Number($("top-p").value),
-    max_tokens: Math.max(1, Math.floor(Number($("max-tokens").value) || 512)),
+    max_tokens: Math.min(maxTokensCap,
+                         Math.max(1, Math.floor(Number($("max-tokens").value) || 512))),
     // MiniMind-3 reads open_thinking, MiniMind2 enable_thinking.
     chat_template_kwargs: $("thinking").checked
       ? { open_thinking: true, enable_thinking: true }
@@ -294,6 +296,13 @@ async function init() {
   try {
     const health = await (await fetch("health")).json();
     modelName = health.model;
+    // Stay within what the server allows (a request over its cap would be refused).
+    const cap = health.max_tokens || (health.context_window && health.context_window - 1);
+    if (cap) {
+      maxTokensCap = cap;
+      $("max-tokens").max = String(cap);
+      if (Number($("max-tokens").value) > cap) $("max-tokens").value = String(cap);
+    }
     $("model-name").textContent = health.model;
     $("api-key-row").hidden = !health.auth;
     $("status").textContent = health.status === "ok" ? "" : health.status;
