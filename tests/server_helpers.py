@@ -32,6 +32,22 @@ TEMPLATE = (
 
 ENDLESS = object()  # a reply that never ends (only max_tokens or a cancel stops it)
 
+MODEL = "minimind-test"
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def chatml_prompt(text: str) -> str:
+    """The prompt the test template renders for one user message, written out by hand."""
+    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
 
 def make_tokenizer(folder: Path) -> Tokenizer:
     return Tokenizer.from_folder(build_tokenizer(folder, chat_template=TEMPLATE))

@@ -20,7 +20,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from server_helpers import ENDLESS, ScriptedEngine, ServerThread, make_tokenizer
+from server_helpers import (
+    CALL,
+    ENDLESS,
+    MODEL,
+    WEATHER,
+    ScriptedEngine,
+    ServerThread,
+    chatml_prompt,
+    make_tokenizer,
+    user,
+)
 
 pytestmark = pytest.mark.serve
 pytest.importorskip("fastapi")
@@ -28,26 +38,10 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from minimind_core.reasoning import ReplyParser, prompt_opens_think, split_reply  # noqa: E402
 from minimind_core.server import create_app  # noqa: E402
 
-MODEL = "minimind-test"
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZERS = ROOT.parent / "shared" / "minimind-tokenizers"
-WEATHER = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Weather of a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                   "required": ["city"]}}}]
-CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
-
-
-def user(text: str) -> list[dict]:
-    return [{"role": "user", "content": text}]
-
-
-def chatml_prompt(text: str) -> str:
-    """The prompt the test template renders for one user message, written out by hand."""
-    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
 @pytest.fixture(scope="module")
@@ -79,64 +73,6 @@ def slow(engine):
     engine.delay = 0.01
     yield engine
     engine.delay = 0.0
-
-
-# -- the reply parser on its own --------------------------------------------------------------
-
-
-@pytest.mark.parametrize("text, in_think, tools, content, reasoning, calls", [
-    ("plain answer", False, False, "plain answer", "", []),
-    ("<think>\nidea\n</think>\n\nanswer", False, False, "answer", "idea", []),
-    ("idea\n</think>\n\nanswer", True, False, "answer", "idea", []),
-    ("idea cut short", True, False, "", "idea cut short", []),
-    ("ok <b>bold</b> and < 3", False, False, "ok <b>bold</b> and < 3", "", []),
-    ("ends with space ", False, False, "ends with space ", "", []),
-    (CALL, False, True, "", "", [("get_weather", {"city": "北京"})]),
-    ("Let me check.\n" + CALL, False, True, "Let me check.", "", [("get_weather", {"city": "北京"})]),
-    (CALL, False, False, CALL, "", []),  # no tools offered: the block stays text
-    ("<tool_call>not json</tool_call>", False, True, "<tool_call>not json</tool_call>", "", []),
-    ("<tool_call>\n{\"name\": \"f\"", False, True, "<tool_call>\n{\"name\": \"f\"", "", []),
-    ('<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>', False, True, "", "",
-     [("f", {"a": 1})]),
-])
-def test_split_reply(text, in_think, tools, content, reasoning, calls):
-    out = split_reply(text, in_think=in_think, parse_tools=tools)
-    assert out.content == content
-    assert out.reasoning == reasoning
-    assert [(c.name, json.loads(c.arguments)) for c in out.tool_calls] == calls
-
-
-@pytest.mark.parametrize("text", [
-    "<think>\nstep one\nstep two\n</think>\n\nThe answer is 4.",
-    "Sure.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"上海\"}}\n"
-    "</tool_call>\n<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>",
-    "a <thin b </thi c <tool d",
-])
-@pytest.mark.parametrize("size", [1, 2, 3, 7])
-def test_streamed_split_matches_whole(text, size):
-    """Fed in pieces of every size (tags cut anywhere), the parser gives the whole-text split."""
-    whole = split_reply(text, parse_tools=True)
-    parser = ReplyParser(parse_tools=True)
-    content = reasoning = ""
-    names = []
-    for i in range(0, len(text), size):
-        d = parser.feed(text[i:i + size])
-        content, reasoning = content + d.content, reasoning + d.reasoning
-        names += [c.name for c in d.tool_calls]
-    d = parser.finish()
-    content, reasoning = content + d.content, reasoning + d.reasoning
-    names += [c.name for c in d.tool_calls]
-    assert (content, reasoning, names) == (whole.content, whole.reasoning,
-                                           [c.name for c in whole.tool_calls])
-    assert "<think>" not in content + reasoning and "</think>" not in content + reasoning
-
-
-def test_prompt_opens_think():
-    assert prompt_opens_think("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<think>\n")
-    assert not prompt_opens_think(
-        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    # an earlier turn's open tag does not count, only the final turn
-    assert not prompt_opens_think("<|im_start|>user\n<think><|im_end|>\n<|im_start|>assistant\n")
 
 
 # -- chat completions -----------------------------------------------------------------------
@@ -405,142 +341,6 @@ def test_lora_is_listed_and_accepted(tokenizer):
         r = httpx.post(s.url + "/v1/chat/completions", timeout=30,
                        json={"model": "lora_medical_64", "messages": user("x")})
         assert r.status_code == 200 and r.json()["model"] == "lora_medical_64"
-
-
-# -- bad input ------------------------------------------------------------------------------
-
-LONG = "hello world " * 3000  # far past the 4096-token window
-
-CHAT_ERRORS = [
-    # (body, status, param, words in the message)
-    (b"{not json", 400, None, "JSON"),
-    (b"", 400, None, "empty"),
-    ([1, 2], 400, None, "JSON object"),
-    ({}, 400, "messages", "Missing required parameter: 'messages'"),
-    ({"messages": "hi"}, 422, "messages", "must be an array"),
-    ({"messages": []}, 400, "messages", "empty"),
-    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role",
-     "unknown role 'wizard'"),
-    ({"messages": [{"content": "x"}]}, 400, "messages", "has no 'role'"),
-    ({"messages": [{"role": "user", "content": 5}]}, 400, "messages", "content must be"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages",
-     "only text parts"),
-    ({"messages": user("x"), "n": 2}, 400, "n", "n=1"),
-    ({"messages": user("x"), "max_tokens": -5}, 400, "max_tokens", "at least 1"),
-    ({"messages": user("x"), "max_tokens": 0}, 400, "max_tokens", "at least 1"),
-    ({"messages": user("x"), "max_tokens": 10**9}, 400, "max_tokens", "context window"),
-    ({"messages": user("x"), "max_tokens": "ten"}, 422, "max_tokens", "must be an integer"),
-    ({"messages": user("x"), "max_tokens": True}, 422, "max_tokens", "must be an integer"),
-    ({"messages": user("x"), "max_completion_tokens": -1}, 400, "max_completion_tokens",
-     "at least 1"),
-    ({"messages": user("x"), "temperature": 5}, 400, "temperature", "between 0 and 2"),
-    ({"messages": user("x"), "temperature": "hot"}, 422, "temperature", "must be a number"),
-    ({"messages": user("x"), "top_p": 1.5}, 400, "top_p", "top_p must be in (0, 1]"),
-    ({"messages": user("x"), "top_k": -1}, 400, "top_k", "top_k must be"),
-    ({"messages": user("x"), "stop": [""]}, 400, "stop", "must not be empty"),
-    ({"messages": user("x"), "stop": 5}, 422, "stop", "a string or an array"),
-    ({"messages": user("x"), "model": "gpt-4"}, 404, "model", "'gpt-4' does not exist"),
-    ({"messages": user(LONG)}, 413, "messages", "context window"),
-    ({"messages": user("x"), "tool_choice": "required"}, 400, "tool_choice", "not supported"),
-    ({"messages": user("x"), "tools": [{"type": "function"}]}, 400, "tools[0]", "must look like"),
-    ({"messages": user("x"), "stream_options": "yes"}, 422, "stream_options", "an object"),
-    ({"messages": user("x"), "chat_template_kwargs": "x"}, 422, "chat_template_kwargs",
-     "an object"),
-    ({"messages": user("x"), "chat_template_kwargs": {"tools": 1}}, 400, "chat_template_kwargs",
-     "tools"),
-    ({"messages": user("x"), "logprobs": True}, 400, "logprobs", "not supported"),
-    ({"messages": user("x"), "response_format": {"type": "json_object"}}, 400,
-     "response_format", "not supported"),
-]
-
-COMPLETION_ERRORS = [
-    ({}, 400, "prompt", "Missing required parameter: 'prompt'"),
-    ({"prompt": ""}, 400, "prompt", "empty"),
-    ({"prompt": ["a", "b"]}, 400, "prompt", "one prompt per request"),
-    ({"prompt": 5}, 422, "prompt", "a string or an array of token ids"),
-    ({"prompt": [99999]}, 400, "prompt", "outside the vocabulary"),
-    ({"prompt": LONG}, 413, "prompt", "context window"),
-    ({"prompt": "x", "model": "nope"}, 404, "model", "'nope' does not exist"),
-    ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens", "at least 1"),
-]
-
-
-def _check_error(r, status, param, words):
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"message", "type", "param", "code"}
-    assert body["error"]["type"] == "invalid_request_error"
-    assert body["error"]["param"] == param
-    assert words in body["error"]["message"]
-
-
-@pytest.mark.parametrize("body, status, param, words", CHAT_ERRORS)
-def test_chat_bad_input(server, body, status, param, words):
-    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
-    r = httpx.post(server.url + "/v1/chat/completions", timeout=30, **kw)
-    _check_error(r, status, param, words)
-
-
-@pytest.mark.parametrize("body, status, param, words", COMPLETION_ERRORS)
-def test_completion_bad_input(server, body, status, param, words):
-    _check_error(httpx.post(server.url + "/v1/completions", json=body, timeout=30),
-                 status, param, words)
-
-
-def test_errors_reach_the_openai_client_and_server_survives(client, server):
-    with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=user("x"), n=3)
-    assert e.value.status_code == 400 and "n=1" in e.value.message
-    with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="gpt-4", messages=user("x"))
-    r = httpx.get(server.url + "/v1/nothing-here")
-    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
-    assert httpx.get(server.url + "/v1/chat/completions").status_code == 405
-    # after all the bad requests above, the server still answers
-    assert httpx.get(server.url + "/health").json()["status"] == "ok"
-    assert client.chat.completions.create(model=MODEL, messages=user("alive")).choices[0] \
-        .message.content == "echo: alive"
-
-
-def test_api_key(engine):
-    with ServerThread(create_app(engine, model_name=MODEL, api_key="sekret")) as s:
-        url = s.url + "/v1/chat/completions"
-        r = httpx.post(url, json={"messages": user("k")})
-        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-        r = httpx.post(url, json={"messages": user("k")}, headers={"Authorization": "Bearer no"})
-        assert r.status_code == 401 and "Incorrect API key" in r.json()["error"]["message"]
-        assert httpx.get(s.url + "/v1/models").status_code == 401
-        assert httpx.get(s.url + "/health").status_code == 200  # health and the page stay open
-        assert httpx.get(s.url + "/").status_code == 200
-        with openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0) as bad:
-            with pytest.raises(openai.AuthenticationError):
-                bad.chat.completions.create(model=MODEL, messages=user("k"))
-        with openai.OpenAI(base_url=s.url + "/v1", api_key="sekret", max_retries=0) as good:
-            r = good.chat.completions.create(model=MODEL, messages=user("k"))
-            assert r.choices[0].message.content == "echo: k"
-
-
-def test_max_tokens_cap(engine):
-    with ServerThread(create_app(engine, model_name=MODEL, max_tokens_cap=8)) as s:
-        r = httpx.post(s.url + "/v1/chat/completions",
-                       json={"messages": user("x"), "max_tokens": 9})
-        _check_error(r, 400, "max_tokens", "more than this server allows (8)")
-        engine.replies["cap default"] = "word " * 40
-        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": user("cap default")},
-                       timeout=30)
-        assert r.json()["usage"]["completion_tokens"] == 8  # the cap is the default too
-
-
-def test_cors(engine):
-    with ServerThread(create_app(engine, model_name=MODEL, cors=["http://example.com"])) as s:
-        r = httpx.options(s.url + "/v1/chat/completions", headers={
-            "Origin": "http://example.com", "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization,content-type"})
-        assert r.status_code == 200
-        assert r.headers["access-control-allow-origin"] == "http://example.com"
-        r = httpx.get(s.url + "/health", headers={"Origin": "http://evil.example"})
-        assert "access-control-allow-origin" not in r.headers
 
 
 # -- concurrency, disconnects, shutdown -----------------------------------------------------
