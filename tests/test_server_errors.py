@@ -165,3 +165,20 @@ def test_cors(engine):
         assert r.headers["access-control-allow-origin"] == "http://example.com"
         r = httpx.get(s.url + "/health", headers={"Origin": "http://evil.example"})
         assert "access-control-allow-origin" not in r.headers
+
+
+def test_factory_loads_at_startup(engine):
+    """create_app(factory): the model loads when the server starts, before it accepts requests."""
+    calls = []
+
+    def factory():
+        calls.append(1)
+        return engine
+
+    app = create_app(factory, model_name=MODEL)
+    assert calls == []
+    with ServerThread(app) as s:
+        assert calls == [1]
+        assert httpx.get(s.url + "/health").json()["status"] == "ok"
+        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": user("f")}, timeout=30)
+        assert r.json()["choices"][0]["message"]["content"] == "echo: f"
