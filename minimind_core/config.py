@@ -210,7 +210,9 @@ def config_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
         out["num_experts"] = 0
     scaling = data.get("rope_scaling")
     if isinstance(scaling, Mapping) and scaling.get("type", scaling.get("rope_type")) == "yarn":
+        # upstream writes rope_scaling only when inference_rope_scaling is on
         out["rope_scaling"] = {**YARN_DEFAULTS, **scaling}
+        out.setdefault("inference_rope_scaling", True)
     else:
         out.pop("rope_scaling", None)
     return out

@@ -214,3 +214,15 @@ def test_params_count_matches_tensors(make_checkpoint):
         assert config.num_parameters() == sum(v.size for v in weights.values())
         assert tiny_config(kind).kind == kind
         assert random_weights(config).keys() == weights.keys()
+
+
+def test_yarn_block_in_config_json_switches_yarn_on(make_checkpoint):
+    path, _, _ = make_checkpoint("minimind2")
+    (path.parent / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 16,
+                                                 "original_max_position_embeddings": 2048}}))
+    c = load_checkpoint(path).config
+    assert c.inference_rope_scaling and c.yarn["factor"] == 16 and c.yarn["beta_fast"] == 32
+    (path.parent / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                         "rope_scaling": None}))
+    assert load_checkpoint(path).config.yarn is None
