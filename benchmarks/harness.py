@@ -58,6 +58,20 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def time_prefill(forward, a: argparse.Namespace) -> dict:
+    """Median time of one prompt-sized forward (= time to first token) and its tokens/s."""
+    import torch
+
+    def run() -> None:
+        with torch.inference_mode():
+            forward()
+        sync(a.device)
+
+    run()
+    t = median_time(run, a.repeats)
+    return {"ttft_prefill_s": t, "prefill_tok_s": a.prefill_tokens / t}
+
+
 def sync(device: str) -> None:
     import torch
 
@@ -75,7 +89,6 @@ def write_weights(shape: str) -> Path:
 
 
 def bench_ours(shape: str, a: argparse.Namespace) -> dict:
-    import torch
 
     from minimind_core import load
     from minimind_core.demo import demo_model_path
@@ -116,15 +129,7 @@ def bench_ours(shape: str, a: argparse.Namespace) -> dict:
     for b in a.batches:
         out[f"decode_b{b}"] = decode(b)
     long = [rng.integers(3, config.vocab_size, a.prefill_tokens).tolist()]
-
-    def prefill() -> None:
-        with torch.inference_mode():
-            engine._prefill(long, a.prefill_tokens + 8)
-        sync(a.device)
-
-    prefill()
-    out["ttft_prefill_s"] = median_time(prefill, a.repeats)
-    out["prefill_tok_s"] = a.prefill_tokens / out["ttft_prefill_s"]
+    out.update(time_prefill(lambda: engine._prefill(long, a.prefill_tokens + 8), a))
     return out
 
 
@@ -176,15 +181,7 @@ def bench_transformers(shape: str, a: argparse.Namespace) -> dict:
         out[f"decode_b{b}"] = rate(b)
     long = torch.tensor([rng.integers(3, config.vocab_size, a.prefill_tokens).tolist()],
                         device=a.device)
-
-    def prefill() -> None:
-        with torch.inference_mode():
-            model(long)
-        sync(a.device)
-
-    prefill()
-    out["ttft_prefill_s"] = median_time(prefill, a.repeats)
-    out["prefill_tok_s"] = a.prefill_tokens / out["ttft_prefill_s"]
+    out.update(time_prefill(lambda: model(long), a))
     return out
 
 
