@@ -24,20 +24,30 @@ class RMSNorm(nn.Module):
         self.eps, self.weight_in_fp32 = eps, weight_in_fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight_in_fp32:  # MiniMind-3: (w * x.float() * rsqrt).type_as(x)
-            return (self.weight * normed).type_as(x)
-        return self.weight * normed.type_as(x)  # MiniMind2: w * (...).type_as(x)
+        return rms_norm(x, self.weight, self.eps, self.weight_in_fp32)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_in_fp32: bool) -> torch.Tensor:
+    """RMSNorm over the last dim; ``weight`` broadcasts against x (e.g. [heads, head_dim])."""
+    if x.dtype == torch.float32:  # both generations agree in fp32: one fused op
+        return F.rms_norm(x, x.shape[-1:], eps=eps) * weight
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight_in_fp32:  # MiniMind-3: (w * x.float() * rsqrt).type_as(x)
+        return (weight * normed).type_as(x)
+    return weight * normed.type_as(x)  # MiniMind2: w * (...).type_as(x)
 
 
 def _linear(d_in: int, d_out: int) -> nn.Linear:
     return nn.Linear(d_in, d_out, bias=False)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """``x cos + rotate_half(x) sin`` written as ``x cos + swap_halves(x) sin_signed`` with
+    ``sin_signed = cat(-sin, sin)``: the same numbers in three ops instead of six."""
+    half = x.shape[-1] // 2
+    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)
+    return x * cos + swapped * sin_signed
 
 
 class Attention(nn.Module):
@@ -80,21 +90,20 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None, start: int, mask: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
+        h, kv, d = self.heads, self.kv_heads, self.head_dim
         if self.wqkv is not None:
-            q, k, v = F.linear(x, self.wqkv).split(
-                [self.heads * self.head_dim, self.kv_heads * self.head_dim,
-                 self.kv_heads * self.head_dim], dim=-1)
-            q = self._add_lora(x, q, "q_proj")
+            qkv = F.linear(x, self.wqkv)
+            if "q_proj" in self.lora:
+                qkv[..., : h * d] += self._add_lora(x, 0, "q_proj")
         else:
-            q, k, v = (self._project(x, n) for n in ("q_proj", "k_proj", "v_proj"))
-        q = q.view(b, t, self.heads, self.head_dim)
-        k = k.view(b, t, self.kv_heads, self.head_dim)
-        v = v.view(b, t, self.kv_heads, self.head_dim)
+            qkv = torch.cat([self._project(x, n) for n in ("q_proj", "k_proj", "v_proj")], dim=-1)
+        qk = qkv[..., : (h + kv) * d].unflatten(-1, (h + kv, d))  # q and k heads side by side
         if self.qk_norm:  # per-head RMSNorm before RoPE (MiniMind-3)
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = (q * cos + rotate_half(q) * sin).transpose(1, 2)
-        k = (k * cos + rotate_half(k) * sin).transpose(1, 2)
-        v = v.transpose(1, 2)
+            weight = torch.cat([self.q_norm.weight.expand(h, d), self.k_norm.weight.expand(kv, d)])
+            qk = rms_norm(qk, weight, self.q_norm.eps, self.q_norm.weight_in_fp32)
+        qk = apply_rope(qk, cos, sin).transpose(1, 2)
+        q, k = qk[:, :h], qk[:, h:]
+        v = qkv[..., (h + kv) * d:].unflatten(-1, (kv, d)).transpose(1, 2)
         if isinstance(start, torch.Tensor):  # static decode step: whole cache, shapes fixed
             k, v = cache.update_at(self.layer, start, k, v)
         elif cache is not None:
@@ -199,11 +208,12 @@ class MiniMindForCausalLM(nn.Module):
         self.rope_cos = self.rope_sin = torch.zeros(0)
 
     def rope(self, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin tables of at least ``length`` rows, built once and grown on demand."""
+        """cos and signed-sin tables of at least ``length`` rows, built once, grown on demand."""
         if (length > self._rope_len or self.rope_cos.dtype != dtype
                 or self.rope_cos.device != device):
             n = max(length, min(4096, self.config.max_position_embeddings))
             cos, sin = rope_cos_sin(self.config, n)
+            sin[:, : sin.shape[1] // 2] *= -1  # cat(-sin, sin): see apply_rope
             self.rope_cos = torch.from_numpy(cos).to(device=device, dtype=dtype)
             self.rope_sin = torch.from_numpy(sin).to(device=device, dtype=dtype)
             self._rope_len = n
