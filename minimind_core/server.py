@@ -231,25 +231,13 @@ def serve(app: "FastAPI", host: str = "127.0.0.1", port: int = 8000, *, log_leve
     uvicorn.Server(config).run()
 
 
-# Upstream eval_llm.py's path flags; `minimind serve` resolves them into --model/--lora first.
-_UPSTREAM_FLAGS = ("load_from", "save_dir", "weight", "lora_weight", "use_moe")
-
-
-def _load_engine(args: argparse.Namespace) -> "Engine":
-    if getattr(args, "model", None) and any(getattr(args, f, None) not in (None, "None")
-                                            for f in _UPSTREAM_FLAGS):
-        # Already resolved by `minimind serve`: load that path, not the flags a second time.
-        args = argparse.Namespace(**{**vars(args), **dict.fromkeys(_UPSTREAM_FLAGS)})
-    return load_engine(args)
-
-
 def run(args: argparse.Namespace) -> int:
     """Load the model the flags name (see ``configure_parser``; with no model, the embedded
     demo) and serve it until SIGINT/SIGTERM. Raises ValueError/OSError/ImportError when the
     model cannot be loaded."""
     defaults = SamplingParams(max_new_tokens=DEFAULT_SAMPLING.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p)
-    engine = _load_engine(args)
+    engine = load_engine(args)
     app = create_app(engine, model_name=args.served_model_name, api_key=args.api_key,
                      cors=_origins(args.cors), max_tokens_cap=args.max_tokens,
                      max_queue=args.max_queue, defaults=defaults)

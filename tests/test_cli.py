@@ -457,16 +457,19 @@ def test_serve_passes_model_flags_to_the_server(capsys, monkeypatch, make_checkp
         parser.add_argument("--port", type=int, default=8000)
         parser.add_argument("--model", default=None)  # the server defines some shared flags
 
+    def fake_run(args):  # the real server loads with common.load_engine(args)
+        seen.update(vars(args), location=common.model_location(args))
+
     fake_module(monkeypatch, "minimind_core.server", configure_parser=configure_parser,
-                run=lambda args: seen.update(vars(args)))
+                run=fake_run)
     path, _, _ = make_checkpoint("minimind2")
     code, _, err = run(capsys, "serve", "-m", path, "--port", "9", "--backend", "torch")
     assert code == 0, err
-    assert seen["port"] == 9 and seen["model"] == str(path) and seen["backend"] == "torch"
-    assert seen["lora"] is None and seen["tokenizer"] is None
+    assert seen["port"] == 9 and seen["backend"] == "torch"
+    assert seen["location"] == (path, None, None)  # (model, lora, tokenizer)
     code, _, err = run(capsys, "serve", "--save_dir", path.parent, "--hidden_size", "128")
     assert code == 0, err
-    assert seen["model"] == str(path)  # upstream flags resolved before the server loads
+    assert seen["location"][0] == path  # upstream flags reach the server's loader
     code, _, err = run(capsys, "serve", "--model", path.with_suffix(".nope"))
     assert code == 1
     assert_one_line_error(err, "no such file")
