@@ -503,17 +503,11 @@ def test_demo_model_is_the_default(capsys):
     assert json.loads(out)["completion_tokens"] >= 1
 
 
-def test_serve_refuses_flags_the_server_would_ignore(capsys, monkeypatch):
-    fake_module(monkeypatch, "minimind_core.server",
-                configure_parser=lambda parser: parser.add_argument("--model", default=None),
-                run=lambda args: 0)
-    code, _, err = run(capsys, "serve", "--num-experts-per-tok", "1", "--q-bits", "4")
-    assert code == 1
-    assert_one_line_error(err, "--num-experts-per-tok, --q-bits")
+def test_serve_passes_architecture_overrides(capsys, monkeypatch):
     seen = {}
     fake_module(monkeypatch, "minimind_core.server",
                 configure_parser=lambda parser: parser.add_argument("--model", default=None),
-                run=lambda args: seen.update(vars(args)) or 0, load_engine=common.load_engine)
-    code, _, err = run(capsys, "serve", "--num-experts-per-tok", "1")
+                run=lambda args: seen.update(vars(args)) or 0)
+    code, _, err = run(capsys, "serve", "--num-experts-per-tok", "1", "--q-bits", "4")
     assert code == 0, err
-    assert seen["num_experts_per_tok"] == 1
+    assert seen["num_experts_per_tok"] == 1 and seen["q_bits"] == 4
