@@ -79,6 +79,19 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def tokenizer_dir() -> Path:
+    """Any MiniMind-vocabulary tokenizer will do (random weights): the demo's, else upstream's."""
+    from minimind_core.demo import demo_model_path
+
+    try:
+        return demo_model_path()
+    except FileNotFoundError:
+        shared = ROOT.parent / "shared" / "minimind-tokenizers" / "minimind2"
+        if (shared / "tokenizer.json").is_file():
+            return shared
+        raise
+
+
 def write_weights(shape: str) -> Path:
     """Random weights of a released shape as a safetensors file in a temp folder."""
     from safetensors.numpy import save_file
@@ -91,14 +104,13 @@ def write_weights(shape: str) -> Path:
 def bench_ours(shape: str, a: argparse.Namespace) -> dict:
 
     from minimind_core import load
-    from minimind_core.demo import demo_model_path
     from minimind_core.params import SamplingParams
 
     config = config_for(shape)
     path = write_weights(shape)
     t0 = time.perf_counter()
     engine = load(path, backend="torch", device=a.device, dtype=a.dtype,
-                  tokenizer=demo_model_path(), compile=a.impl == "ours-compiled",
+                  tokenizer=tokenizer_dir(), compile=a.impl == "ours-compiled",
                   cuda_graphs=False if a.impl == "ours-eager" else None)
     first = engine._steps([[1, 2, 3, 4]], SamplingParams(max_new_tokens=2))
     next(first)
@@ -139,13 +151,12 @@ def bench_transformers(shape: str, a: argparse.Namespace) -> dict:
     import transformers
 
     from converters.to_hf import convert
-    from minimind_core.demo import demo_model_path
 
     config = config_for(shape)
     if config.kind == "minimind2-moe":
         return {"skipped": "no stock transformers class for MiniMind2-MoE"}
     folder = convert(write_weights(shape), Path(tempfile.mkdtemp()) / "hf",
-                     tokenizer=demo_model_path(), progress=False)
+                     tokenizer=tokenizer_dir(), progress=False)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[a.dtype]
     t0 = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(a.device).eval()

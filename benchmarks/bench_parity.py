@@ -1,0 +1,78 @@
+"""Parity at the five released shapes (random weights of the real sizes), fp32:
+
+- TorchEngine vs transformers (LlamaForCausalLM / Qwen3ForCausalLM / Qwen3MoeForCausalLM loaded
+  from our to_hf export): max |logit difference| over a 64-token prompt and the 24 greedy tokens;
+- MlxEngine vs TorchEngine on the same file (when mlx is installed).
+
+    python benchmarks/bench_parity.py [--shapes minimind2-small minimind-3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import harness
+import numpy as np
+
+N_TOKENS = 24
+
+
+def greedy(engine, ids: list[int]) -> list[int]:
+    from minimind_core.params import SamplingParams
+
+    steps = engine._steps([ids], SamplingParams(max_new_tokens=N_TOKENS))
+    tokens = [int(next(steps)[0]) for _ in range(N_TOKENS)]
+    steps.close()
+    return tokens
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--shapes", nargs="+", default=list(harness.SHAPES), choices=list(harness.SHAPES))
+    a = p.parse_args()
+    import importlib.util
+
+    import torch
+    import transformers
+
+    from converters.to_hf import convert
+    from minimind_core import load
+
+    torch.manual_seed(0)
+    rows = []
+    for shape in a.shapes:
+        path = harness.write_weights(shape)
+        tok = harness.tokenizer_dir()
+        ids = np.random.default_rng(0).integers(3, 6400, 64).tolist()
+        ours = load(path, backend="torch", device="cpu", dtype="float32", tokenizer=tok)
+        logits, tokens = ours.logits(ids), greedy(ours, ids)
+        row = {"shape": shape, "kind": ours.config.kind}
+        if ours.config.kind == "minimind2-moe":
+            row["hf"] = "no stock class (tests: reference from FORMATS.md)"
+        else:
+            folder = convert(path, Path(tempfile.mkdtemp()) / "hf", tokenizer=tok, progress=False)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+            with torch.inference_mode():
+                ref = hf(torch.tensor([ids])).logits[0].numpy()
+                out = hf.generate(torch.tensor([ids]), max_new_tokens=N_TOKENS, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+            row["hf"] = f"{np.abs(logits - ref).max():.1e} / {'same' if out == tokens else 'DIFFERENT'}"
+        if importlib.util.find_spec("mlx") is not None:
+            mlx = load(path, backend="mlx", device="cpu", dtype="float32", tokenizer=tok)
+            d = np.abs(mlx.logits(ids) - logits).max()
+            row["mlx"] = f"{d:.1e} / {'same' if greedy(mlx, ids) == tokens else 'DIFFERENT'}"
+        else:
+            row["mlx"] = "mlx not installed"
+        rows.append(row)
+        print(f"  measured {shape}", flush=True)
+    print(f"\nfp32 parity, 64-token prompt, {N_TOKENS} greedy tokens (max |Δlogit| / tokens)\n")
+    print("| shape | kind | TorchEngine vs transformers | MlxEngine vs TorchEngine |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['kind']} | {r['hf']} | {r['mlx']} |")
+
+
+if __name__ == "__main__":
+    main()
