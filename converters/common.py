@@ -13,7 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +121,14 @@ class Progress:
 def folder_size(path: str | Path) -> int:
     """Total bytes of the files directly in a folder (what a model folder weighs on disk)."""
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+
+
+def exit_status(call: Callable[[], Any]) -> int:
+    """Run a converter; a user error (bad path, existing DST, bad option) becomes one line on
+    stderr and exit status 1 instead of a traceback."""
+    try:
+        call()
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

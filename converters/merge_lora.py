@@ -22,6 +22,7 @@ from minimind_core.checkpoint import load_checkpoint
 from minimind_core.lora import load_lora, merge_into
 
 from . import to_hf
+from .common import exit_status
 
 FORMATS = ("safetensors", "pth", "hf")
 _SUFFIXES = {".safetensors": "safetensors", ".pth": "pth", ".pt": "pth"}
@@ -101,14 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokenizer", help="tokenizer folder (for a transformers folder)")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     args = parser.parse_args(argv)
-    try:
-        dst = merge(args.base, args.lora, args.dst, fmt=args.fmt, dtype=args.dtype,
-                    tokenizer=args.tokenizer, force=args.force)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {dst}")
-    return 0
+    return exit_status(lambda: print("wrote", merge(
+        args.base, args.lora, args.dst, fmt=args.fmt, dtype=args.dtype, tokenizer=args.tokenizer,
+        force=args.force)))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from minimind_core.config import ModelConfig, to_hf_config
 from minimind_core.lora import load_lora, merge_into
 from minimind_core.tokenizer import Tokenizer, find_tokenizer
 
-from .common import Progress, atomic_dir, copy_tokenizer, folder_size, sha256_files
+from .common import Progress, atomic_dir, copy_tokenizer, exit_status, folder_size, sha256_files
 
 DTYPES = ("float32", "float16", "bfloat16")
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
@@ -207,13 +206,9 @@ def configure_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
 
 def run(args: argparse.Namespace) -> int:
     """Run a parsed command line; errors are one line on stderr and exit status 1."""
-    try:
-        convert(args.src, args.dst, dtype=args.dtype, tokenizer=args.tokenizer, lora=args.lora,
-                force=args.force, progress=not args.quiet)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(lambda: convert(
+        args.src, args.dst, dtype=args.dtype, tokenizer=args.tokenizer, lora=args.lora,
+        force=args.force, progress=not args.quiet))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

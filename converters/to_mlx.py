@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from minimind_core.checkpoint import load_checkpoint
 from minimind_core.config import to_hf_config
 from minimind_core.tokenizer import Tokenizer, find_tokenizer
 
-from .common import Progress, atomic_dir, copy_tokenizer, folder_size, sha256_files
+from .common import Progress, atomic_dir, copy_tokenizer, exit_status, folder_size, sha256_files
 
 CONVERTER_VERSION = 1
 DTYPES = ("float16", "bfloat16", "float32")
@@ -191,14 +190,10 @@ def configure_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
 
 def run(args: argparse.Namespace) -> int:
     """Run a parsed command line; errors are one line on stderr and exit status 1."""
-    try:
-        convert(args.src, args.dst, q_bits=args.q_bits or None, q_group_size=args.q_group_size,
-                dtype=args.dtype, tokenizer=args.tokenizer, lora=args.lora, force=args.force,
-                progress=not args.quiet, lora_adapter_out=args.lora_adapter_out)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(lambda: convert(
+        args.src, args.dst, q_bits=args.q_bits or None, q_group_size=args.q_group_size,
+        dtype=args.dtype, tokenizer=args.tokenizer, lora=args.lora, force=args.force,
+        progress=not args.quiet, lora_adapter_out=args.lora_adapter_out))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
