@@ -26,6 +26,26 @@ def pytest_configure(config) -> None:
 
 TOKENIZERS = SHARED / "minimind-tokenizers"
 
+def real_tokenizer_dir(name: str) -> Path:
+    """A real MiniMind tokenizer from ../shared ("minimind2" or "minimind3"), or skip."""
+    path = TOKENIZERS / name
+    if not (path / "tokenizer.json").is_file():
+        pytest.skip(f"real tokenizer not available at {path}")
+    return path
+
+
+_HF_TOKENIZERS: dict[str, object] = {}
+
+
+def hf_tokenizer(path: Path):
+    """transformers' AutoTokenizer for ``path`` (the oracle), cached per folder."""
+    transformers = pytest.importorskip("transformers")
+    key = str(path)
+    if key not in _HF_TOKENIZERS:
+        _HF_TOKENIZERS[key] = transformers.AutoTokenizer.from_pretrained(key)
+    return _HF_TOKENIZERS[key]
+
+
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] "
     "+ '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"

@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from conftest import hf_tokenizer, real_tokenizer_dir
 
 from minimind_core.chat import (
     ChatFormatter,
@@ -22,8 +23,6 @@ from minimind_core.chat import (
     validate_messages,
 )
 from minimind_core.tokenizer import Tokenizer
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "minimind-tokenizers"
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "查询城市天气 <b>&</b>",
@@ -76,27 +75,9 @@ KWARGS = {"minimind2": [{}, {"enable_thinking": False}, {"enable_thinking": True
 CASES = [(name, conv, kw) for name, kws in KWARGS.items() for conv in CONVS for kw in kws]
 
 
-def shared_dir(name: str) -> Path:
-    path = SHARED / name
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"real tokenizer not available at {path}")
-    return path
-
-
-_HF_CACHE: dict[str, object] = {}
-
-
-def hf_tokenizer(path: Path):
-    """transformers' AutoTokenizer for `path` (the oracle), cached per folder."""
-    transformers = pytest.importorskip("transformers")
-    if str(path) not in _HF_CACHE:
-        _HF_CACHE[str(path)] = transformers.AutoTokenizer.from_pretrained(str(path))
-    return _HF_CACHE[str(path)]
-
-
 def make_folder(dst: Path, name: str = "minimind3", **config_changes) -> Path:
     """A writable copy of a real tokenizer in `dst`; None values delete config keys."""
-    src = shared_dir(name)
+    src = real_tokenizer_dir(name)
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src / "tokenizer.json", dst / "tokenizer.json")
     config = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
@@ -110,7 +91,7 @@ def make_folder(dst: Path, name: str = "minimind3", **config_changes) -> Path:
 
 
 def formatter(name: str, **kw) -> ChatFormatter:
-    return ChatFormatter(Tokenizer(shared_dir(name)), **kw)
+    return ChatFormatter(Tokenizer(real_tokenizer_dir(name)), **kw)
 
 
 @pytest.fixture
@@ -124,7 +105,7 @@ def plain(tmp_path) -> ChatFormatter:
 
 @pytest.mark.parametrize("name,conv,kw", CASES)
 def test_render_and_encode_match_transformers(name, conv, kw):
-    hf = hf_tokenizer(shared_dir(name))
+    hf = hf_tokenizer(real_tokenizer_dir(name))
     fmt = formatter(name)
     messages = CONVS[conv]
     tools = TOOLS if conv in TOOL_CONVS else None
@@ -138,7 +119,7 @@ def test_render_and_encode_match_transformers(name, conv, kw):
 
 @pytest.mark.parametrize("name", ["minimind2", "minimind3"])
 def test_without_generation_prompt_and_with_tools_but_no_tool_calls(name):
-    hf, fmt = hf_tokenizer(shared_dir(name)), formatter(name)
+    hf, fmt = hf_tokenizer(real_tokenizer_dir(name)), formatter(name)
     for conv in ("multi_turn", "single_user"):
         msgs = CONVS[conv]
         expected = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
@@ -178,7 +159,7 @@ def test_text_parts_are_joined():
 
 
 def test_default_system():
-    hf = hf_tokenizer(shared_dir("minimind3"))
+    hf = hf_tokenizer(real_tokenizer_dir("minimind3"))
     fmt = formatter("minimind3", default_system="Be brief.")
     user = [{"role": "user", "content": "Hi"}]
     expected = hf.apply_chat_template([{"role": "system", "content": "Be brief."}, *user],
@@ -295,7 +276,7 @@ def test_trim_history_keeps_the_turn_in_progress():
 
 
 def test_encode_with_max_history_matches_transformers():
-    hf, fmt = hf_tokenizer(shared_dir("minimind3")), formatter("minimind3")
+    hf, fmt = hf_tokenizer(real_tokenizer_dir("minimind3")), formatter("minimind3")
     text = hf.apply_chat_template([SYS, *T3, FINAL], tokenize=False, add_generation_prompt=True)
     assert fmt.encode(HISTORY, max_history=1) == hf(text)["input_ids"]
     assert fmt.render(HISTORY, max_history=1) == text
@@ -383,6 +364,6 @@ def test_prompt_messages():
     assert prompt_messages("hi") == [{"role": "user", "content": "hi"}]
     assert prompt_messages("hi", "S") == [{"role": "system", "content": "S"},
                                           {"role": "user", "content": "hi"}]
-    hf = hf_tokenizer(shared_dir("minimind2"))
+    hf = hf_tokenizer(real_tokenizer_dir("minimind2"))
     assert formatter("minimind2").render(prompt_messages("hi", "S")) == hf.apply_chat_template(
         prompt_messages("hi", "S"), tokenize=False, add_generation_prompt=True)

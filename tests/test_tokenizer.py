@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import hf_tokenizer, real_tokenizer_dir
 
 from minimind_core.tokenizer import Tokenizer, TokenizerNotFoundError, find_tokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "minimind-tokenizers"
 NAMES = ("minimind2", "minimind3")
 
 TEXTS = [
@@ -37,28 +37,9 @@ TEXTS = [
 ]
 
 
-def shared_dir(name: str) -> Path:
-    path = SHARED / name
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"real tokenizer not available at {path}")
-    return path
-
-
-_HF_CACHE: dict[str, object] = {}
-
-
-def hf_tokenizer(path: Path):
-    """transformers' AutoTokenizer for `path` (the oracle), cached per folder."""
-    transformers = pytest.importorskip("transformers")
-    key = str(path)
-    if key not in _HF_CACHE:
-        _HF_CACHE[key] = transformers.AutoTokenizer.from_pretrained(key)
-    return _HF_CACHE[key]
-
-
 def make_folder(dst: Path, name: str = "minimind3", **config_changes) -> Path:
     """A writable copy of a real tokenizer in `dst`; None values delete config keys."""
-    src = shared_dir(name)
+    src = real_tokenizer_dir(name)
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src / "tokenizer.json", dst / "tokenizer.json")
     config = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
@@ -73,7 +54,7 @@ def make_folder(dst: Path, name: str = "minimind3", **config_changes) -> Path:
 
 @pytest.fixture(params=NAMES)
 def real(request) -> tuple[Tokenizer, object]:
-    path = shared_dir(request.param)
+    path = real_tokenizer_dir(request.param)
     return Tokenizer(path), hf_tokenizer(path)
 
 
@@ -134,11 +115,11 @@ def test_attributes_match_transformers(real):
     assert tok.chat_template == hf.chat_template
     assert tok.token_to_id("<|im_end|>") == 2 and tok.token_to_id("no-such-token") is None
     assert tok.id_to_token(1) == "<|im_start|>" and tok.id_to_token(10**6) is None
-    assert tok.path == shared_dir(tok.path.name)
+    assert tok.path == real_tokenizer_dir(tok.path.name)
 
 
 def test_minimind3_think_tokens_are_not_special():
-    path = shared_dir("minimind3")
+    path = real_tokenizer_dir("minimind3")
     tok = Tokenizer(path)
     think = tok.token_to_id("<think>")
     assert think is not None and think not in tok.special_token_ids
@@ -153,7 +134,7 @@ def test_config_special_tokens_are_registered_like_transformers(tmp_path):
     # <mask> and <new> are new ids; a plain vocab entry named as a special token becomes
     # special (split out when encoding, skipped when decoding). <think> is already an added,
     # non-special token in tokenizer.json and keeps its flags there, so it is not skipped.
-    base = Tokenizer(shared_dir("minimind3"))
+    base = Tokenizer(real_tokenizer_dir("minimind3"))
     word = next(t for i in range(300, len(base))
                 if (t := base.id_to_token(i)).isascii() and t.isalpha() and len(t) >= 5)
     folder = make_folder(tmp_path / "t", additional_special_tokens=["<think>", "<new>"],
@@ -174,7 +155,7 @@ def test_config_special_tokens_are_registered_like_transformers(tmp_path):
 
 def test_config_added_tokens_missing_from_tokenizer_json(tmp_path):
     flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    src = json.loads((shared_dir("minimind2") / "tokenizer_config.json").read_text("utf-8"))
+    src = json.loads((real_tokenizer_dir("minimind2") / "tokenizer_config.json").read_text("utf-8"))
     decoder = {**src["added_tokens_decoder"],
                "6400": {"content": "<extra>", "special": False, **flags},
                "6401": {"content": "<sp>", "special": True, **flags}}
@@ -219,11 +200,11 @@ def test_special_tokens_given_as_dicts(tmp_path):
 def test_tokenizer_json_only(tmp_path):
     folder = tmp_path / "bare"
     folder.mkdir()
-    shutil.copyfile(shared_dir("minimind2") / "tokenizer.json", folder / "tokenizer.json")
+    shutil.copyfile(real_tokenizer_dir("minimind2") / "tokenizer.json", folder / "tokenizer.json")
     tok = Tokenizer(folder)
     assert tok.chat_template is None and tok.eos_token is None and tok.eos_token_id is None
     assert tok.stop_token_ids == frozenset({0, 2})  # <|im_end|>, <|endoftext|> by name
-    assert tok.encode("hi there") == Tokenizer(shared_dir("minimind2")).encode("hi there")
+    assert tok.encode("hi there") == Tokenizer(real_tokenizer_dir("minimind2")).encode("hi there")
 
 
 def test_chat_template_sources(tmp_path):
@@ -274,7 +255,7 @@ def test_corrupt_tokenizer_config(tmp_path):
 
 
 def test_encode_rejects_non_strings():
-    tok = Tokenizer(shared_dir("minimind2"))
+    tok = Tokenizer(real_tokenizer_dir("minimind2"))
     with pytest.raises(TypeError):
         tok.encode(["a", "b"])  # type: ignore[arg-type]
 
