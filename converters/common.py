@@ -132,3 +132,21 @@ def exit_status(call: Callable[[], Any]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def provenance(fmt: str, converter: str, config: Any, dtype: str, source: Path | None,
+               files: Sequence[str | Path], lora: str | Path | None,
+               config_dict: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``minimind`` block of a written config.json: what was converted, from what, by what."""
+    files = [Path(f) for f in files if Path(f).is_file()]
+    return {
+        "format": fmt,
+        "converter": converter,
+        "generation": config.generation,
+        "kind": config.kind,
+        "dtype": dtype,
+        "source": str(source) if source else None,
+        "source_sha256": sha256_files(files) if files else None,
+        "lora": str(lora) if lora else None,
+        "config": config.to_dict() if config_dict is None else config_dict,
+    }

@@ -26,7 +26,7 @@ from minimind_core.config import ModelConfig, to_hf_config
 from minimind_core.lora import load_lora, merge_into
 from minimind_core.tokenizer import Tokenizer, find_tokenizer
 
-from .common import Progress, atomic_dir, copy_tokenizer, exit_status, folder_size, sha256_files
+from .common import Progress, atomic_dir, copy_tokenizer, exit_status, folder_size, provenance
 
 DTYPES = ("float32", "float16", "bfloat16")
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
@@ -119,18 +119,8 @@ def hf_config(config: ModelConfig, dtype: str, *, source: Path | None = None,
     if yarn and "rope_scaling" not in out:
         out["rope_scaling"] = {"rope_type": "yarn", **{k: v for k, v in yarn.items() if k != "type"}}
         out["inference_rope_scaling"] = True  # upstream's own switch, so our reader turns it on
-    files = [Path(f) for f in files if Path(f).is_file()]
-    out["minimind"] = {
-        "format": "hf",
-        "converter": f"minimind-core {__version__} converters.to_hf",
-        "generation": config.generation,
-        "kind": config.kind,
-        "dtype": dtype,
-        "source": str(source) if source else None,
-        "source_sha256": sha256_files(files) if files else None,
-        "lora": str(lora) if lora else None,
-        "config": config.to_dict(),
-    }
+    out["minimind"] = provenance("hf", f"minimind-core {__version__} converters.to_hf", config,
+                                 dtype, source, files, lora)
     return out
 
 

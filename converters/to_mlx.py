@@ -23,7 +23,7 @@ from minimind_core.checkpoint import load_checkpoint
 from minimind_core.config import to_hf_config
 from minimind_core.tokenizer import Tokenizer, find_tokenizer
 
-from .common import Progress, atomic_dir, copy_tokenizer, exit_status, folder_size, sha256_files
+from .common import Progress, atomic_dir, copy_tokenizer, exit_status, folder_size, provenance
 
 CONVERTER_VERSION = 1
 DTYPES = ("float16", "bfloat16", "float32")
@@ -146,19 +146,10 @@ def mlx_config(config: Any, dtype: str, *, quantization: Mapping[str, Any] | Non
         # mlx_lm writes the block twice (``quantization`` and, for HF tools, ``quantization_config``).
         out["quantization"] = dict(quantization)
         out["quantization_config"] = dict(quantization)
-    files = [Path(f) for f in source_files if Path(f).is_file()]
-    out["minimind"] = {
-        "format": "mlx",
-        "converter": f"minimind-core {__version__} converters.to_mlx v{CONVERTER_VERSION}",
-        "generation": config.generation,
-        "kind": config.kind,
-        "dtype": dtype,
-        "source": str(source) if source else None,
-        "source_sha256": sha256_files(files) if files else None,
-        "lora": str(lora) if lora else None,
-        "config": {k: v for k, v in config.to_dict().items()
-                   if k not in ("inference_rope_scaling", "rope_scaling")},
-    }
+    out["minimind"] = provenance(
+        "mlx", f"minimind-core {__version__} converters.to_mlx v{CONVERTER_VERSION}", config, dtype,
+        source, source_files, lora, config_dict={k: v for k, v in config.to_dict().items()
+                                                 if k not in ("inference_rope_scaling", "rope_scaling")})
     return out
 
 
