@@ -190,7 +190,12 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # an explicit weight skips reset_parameters: normal_ on the meta device imports
+        # torch._dynamo (~3 s of load time); nn.Embedding's own init is N(0, 1)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        if self.embed_tokens.weight.device.type != "meta":
+            nn.init.normal_(self.embed_tokens.weight)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_in_fp32)
 
