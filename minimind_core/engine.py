@@ -9,6 +9,8 @@ live here, once.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -27,6 +29,10 @@ from .tokenizer import Tokenizer
 Prompt = str | Sequence[int]
 
 
+class EngineBusyError(RuntimeError):
+    """A second generation was started in a thread whose first one is still open."""
+
+
 class Engine(ABC):
     """A loaded model plus its tokenizer, ready to generate. Build one with ``minimind_core.load``."""
 
@@ -40,7 +46,8 @@ class Engine(ABC):
         self.name = name
         self.info: dict[str, Any] = dict(info or {})
         self.lora_path: str | None = None
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()  # one generation at a time: it owns the backend's cache
+        self._owner: int | None = None  # the thread holding it
 
     # ---- what a backend implements ------------------------------------------------------
     @abstractmethod
@@ -75,11 +82,46 @@ class Engine(ABC):
             logits = self._decode(tokens)
 
     # ---- shared API ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the engine: other threads wait; the same thread asking again (e.g. a second
+        generation while its first stream is paused) gets EngineBusyError instead of corrupting
+        the first one's cache."""
+        if self._owner == threading.get_ident():
+            raise EngineBusyError(
+                "this engine is already generating in this thread (an unfinished stream); "
+                "read it to the end or call .close() on it first")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
+
     def logits(self, ids: Prompt) -> np.ndarray:
         """Logits of every position, numpy float32 [T, vocab]."""
         ids = self.encode(ids)
-        with self._lock:
+        self._budget([ids], SamplingParams(max_new_tokens=0))
+        with self.exclusive():
             return self._logits(ids)
+
+    def iter_tokens(self, prompts: Sequence[Prompt], params: SamplingParams | None = None,
+                    **sampling_kwargs: Any) -> Iterator[np.ndarray]:
+        """Token ids of every row, step after step, without stopping at eos or stop strings
+        (for benchmarks and custom loops); at most ``max_new_tokens`` steps. Close it when done."""
+        params = SamplingParams.from_kwargs(params, **sampling_kwargs)
+        rows = [self.encode(p) for p in prompts]
+        budget = self._budget(rows, params)
+
+        def steps() -> Iterator[np.ndarray]:
+            with self.exclusive():
+                inner = self._steps(rows, params)
+                try:
+                    yield from itertools.islice(inner, budget)
+                finally:
+                    inner.close()
+
+        return steps()
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a raw prompt (no chat template); lists of ids pass through."""
@@ -96,9 +138,10 @@ class Engine(ABC):
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
                **sampling_kwargs: Any) -> Iterator[StreamChunk]:
-        """Generate from a raw prompt, yielding text deltas; the last chunk has finish_reason."""
+        """Generate from a raw prompt, yielding text deltas; the last chunk has finish_reason.
+        Arguments are checked at the call, not at the first ``next()``."""
         params = SamplingParams.from_kwargs(params, **sampling_kwargs)
-        yield from self._stream_rows([self.encode(prompt)], params)
+        return self._stream_rows([self.encode(prompt)], params)
 
     def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                  **sampling_kwargs: Any) -> GenerationResult:
@@ -118,9 +161,11 @@ class Engine(ABC):
     def chat_ids(self, messages: list[dict[str, Any]], *, max_history: int | None = None,
                  tools: list[dict] | None = None, max_new_tokens: int = 0,
                  **template_kwargs: Any) -> list[int]:
-        """Prompt ids for a conversation through the shared ChatFormatter."""
+        """Prompt ids for a conversation through the shared ChatFormatter. Old turns are dropped
+        so that the reply has room for ``max_new_tokens`` (at most half the context window)."""
+        reserve = min(max_new_tokens, self.config.max_position_embeddings // 2)
         return self.formatter.encode(messages, max_history=max_history, tools=tools,
-                                     reserve_tokens=min(max_new_tokens, 1), **template_kwargs)
+                                     reserve_tokens=max(reserve, 1), **template_kwargs)
 
     def stream_chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *,
                     max_history: int | None = None, tools: list[dict] | None = None,
@@ -130,7 +175,7 @@ class Engine(ABC):
         params = SamplingParams.from_kwargs(params, **sampling_kwargs)
         ids = self.chat_ids(messages, max_history=max_history, tools=tools,
                             max_new_tokens=params.max_new_tokens, **(template_kwargs or {}))
-        yield from self._stream_rows([ids], params)
+        return self._stream_rows([ids], params)
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *,
              max_history: int | None = None, tools: list[dict] | None = None,
@@ -142,20 +187,28 @@ class Engine(ABC):
         return self._collect(chunks, 1)[0]
 
     # ---- the loop ----------------------------------------------------------------------------
-    def _stream_rows(self, rows: list[list[int]], params: SamplingParams) -> Iterator[StreamChunk]:
+    def _budget(self, rows: list[list[int]], params: SamplingParams) -> int:
+        """Tokens that may be generated: max_new_tokens, clamped to the context window."""
         window = self.config.max_position_embeddings
         longest = max(map(len, rows))
-        if longest >= window:
+        if longest > window or (longest == window and params.max_new_tokens):
             raise ValueError(f"prompt is {longest} tokens, longer than the context window of "
-                             f"{window} tokens; shorten the input or keep fewer history turns")
-        budget = min(params.max_new_tokens, window - longest)
+                             f"{window} tokens; shorten the input (in a chat: keep fewer turns)")
+        return min(params.max_new_tokens, window - longest)
+
+    def _stream_rows(self, rows: list[list[int]], params: SamplingParams) -> Iterator[StreamChunk]:
+        budget = self._budget(rows, params)  # checked now, at the call
+        return self._stream_rows_checked(rows, params, budget)
+
+    def _stream_rows_checked(self, rows: list[list[int]], params: SamplingParams,
+                             budget: int) -> Iterator[StreamChunk]:
         stops = self.tokenizer.stop_token_ids
         asm = [TextAssembler(self.tokenizer, params.stop) for _ in rows]
         done = [None] * len(rows)  # finish_reason per row
         first: list[float | None] = [None] * len(rows)
         last = [0.0] * len(rows)
         t0 = time.perf_counter()
-        with self._lock:
+        with self.exclusive():
             steps = self._steps(rows, params) if budget > 0 else iter(())
             try:
                 for n, tokens in enumerate(steps):

@@ -164,3 +164,64 @@ def test_tokenizer_not_found_lists_paths(make_checkpoint, tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer") as e:
         load(lonely, backend="torch")
     assert str(lonely.parent) in str(e.value)
+
+
+def test_second_generation_in_the_same_thread_is_refused(tok):
+    from minimind_core.engine import EngineBusyError
+
+    script = tok.encode("the quick brown fox jumps over the lazy dog")
+    engine = ScriptedEngine(tok, [script])
+    first = engine.stream("hi", max_new_tokens=8)
+    next(first)
+    with pytest.raises(EngineBusyError, match="already generating in this thread"):
+        engine.generate("hello", max_new_tokens=2)
+    rest = "".join(c.text for c in first)  # the paused stream is intact
+    assert rest and engine.generate("hello", max_new_tokens=2).completion_tokens == 2
+    g = engine.stream("hi", max_new_tokens=8)
+    next(g)
+    g.close()  # closing releases the engine
+    assert engine.generate("hello", max_new_tokens=1).completion_tokens == 1
+
+
+def test_other_threads_wait_for_the_engine(tok):
+    import threading
+
+    engine = ScriptedEngine(tok, [tok.encode("abc def ghi")])
+    first = engine.stream("hi", max_new_tokens=6)
+    next(first)
+    done = []
+    t = threading.Thread(target=lambda: done.append(engine.generate("x", max_new_tokens=2)))
+    t.start()
+    t.join(0.3)
+    assert not done  # waiting, not interleaving
+    list(first)
+    t.join(5)
+    assert done and done[0].completion_tokens == 2
+
+
+def test_arguments_are_checked_at_the_call_not_at_first_next(tok):
+    engine = ScriptedEngine(tok, [[5]], window=16)
+    with pytest.raises(ValueError, match="unknown sampling parameter"):
+        engine.stream("hi", temprature=1)
+    with pytest.raises(ValueError, match="longer than the context window"):
+        engine.stream_chat([{"role": "user", "content": "word " * 40}])
+    with pytest.raises(ValueError, match="longer than the context window of 16"):
+        engine.logits(list(range(3, 30)))
+
+
+def test_chat_drops_old_turns_to_leave_room_for_the_reply(tok):
+    engine = ScriptedEngine(tok, [tok.encode("ok")], window=64)
+    turns = []
+    for i in range(6):
+        turns += [{"role": "user", "content": f"question number {i} here"},
+                  {"role": "assistant", "content": f"answer number {i} there"}]
+    msgs = turns + [{"role": "user", "content": "last one"}]
+    ids = engine.chat_ids(msgs, max_new_tokens=20)
+    assert len(ids) <= 64 - 20
+    assert ids[-8:] == engine.chat_ids(msgs[-1:], max_new_tokens=20)[-8:]  # the question is kept
+
+
+def test_iter_tokens_ignores_eos_and_stops_at_the_budget(tok):
+    script = tok.encode("ab") + [tok.eos_token_id] + tok.encode("cd")
+    steps = list(ScriptedEngine(tok, [script]).iter_tokens(["hi"], max_new_tokens=4))
+    assert [int(s[0]) for s in steps] == script[:4]

@@ -40,7 +40,7 @@ def set_lora(engine: MlxEngine, lora: str | Path | LoRA | None, merge: bool = Fa
     The adapter is read and validated before anything changes, so a bad file leaves the engine
     as it was. ``merge=True`` folds ``W + B @ A`` into the weights (faster decoding).
     """
-    with engine._lock:
+    with engine.exclusive():
         new = None if lora is None else load_lora(lora, engine.config)
         if new is not None:
             for name in new.modules:  # every module must be a plain linear here (not an expert row)

@@ -28,7 +28,7 @@ FIRST_ID = 3  # skip MiniMind's special ids 0-2 in the random prompts
 def time_run(engine: Engine, prompts: list[list[int]], gen_tokens: int) -> tuple[float, float]:
     """(seconds to the first token, seconds for the next ``gen_tokens - 1`` decode steps)."""
     params = SamplingParams(max_new_tokens=gen_tokens, temperature=0.0)
-    with engine._lock:
+    with engine.exclusive():
         steps = engine._steps(prompts, params)
         try:
             t0 = time.perf_counter()
