@@ -1,12 +1,14 @@
-"""MlxEngine: the Engine interface on Apple MLX, with mlx_lm's generation loop, samplers and caches.
+"""MlxEngine: the Engine interface on Apple MLX, with mlx_lm's generation loop and caches.
 
 Prompt ids always come from the shared ChatFormatter (the Engine base class), never from
 mlx_lm's tokenizer wrapper, so both backends feed the model the same ids. One prompt runs
 through ``mlx_lm.generate_step`` (the token layer under ``stream_generate``; text assembly, stop
 strings and timings are the shared Engine's, so mlx_lm's detokenizer is not needed); a batch of
 several runs as one left-padded batch (``BatchKVCache``) in a small loop here, with the same
-mlx_lm sampler and logits processors. Each engine computes on its own stream for its device, so
-loading a model never changes MLX's global default device.
+sampler (``backends.mlx.sampling``: the numpy and torch samplers' filter order, which mlx_lm's
+``make_sampler`` does not follow) and mlx_lm's logits processors (repetition penalty). Each
+engine computes on its own stream for its device, so loading a model never changes MLX's global
+default device, and a seeded sampler draws from its own key, never MLX's global random state.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import BatchKVCache
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import make_logits_processors
 
 from minimind_core.checkpoint import (
     Checkpoint,
@@ -49,6 +51,7 @@ from .load import (
 )
 from .load import quantize as quantize_weights
 from .model import Model
+from .sampling import make_sampler
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 FILE_DTYPES = ("float32", "float16", "bfloat16")
@@ -160,10 +163,7 @@ class MlxEngine(Engine):
 
     # ---- the token loop -------------------------------------------------------------------
     def _steps(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[np.ndarray]:
-        if params.seed is not None:
-            mx.random.seed(params.seed)
-        sampler = make_sampler(temp=params.temperature, top_p=params.top_p, min_p=params.min_p,
-                               top_k=params.top_k)
+        sampler = make_sampler(params)  # transformers' filter order, seeded by its own key
         processors = make_logits_processors(
             repetition_penalty=None if params.repetition_penalty == 1.0 else params.repetition_penalty,
             repetition_context_size=params.repetition_context_size or self.config.max_position_embeddings)
