@@ -8,6 +8,7 @@ shapes and from/to a transformers ``config.json``.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -35,6 +36,10 @@ GENERATION_DEFAULTS: dict[str, dict[str, Any]] = {
 # Layer key suffixes (checkpoint names, kept end to end by both backends).
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def ffn_width(generation: str, hidden_size: int) -> int:
@@ -79,8 +84,38 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.generation not in GENERATIONS:
             raise ValueError(f"generation must be one of {GENERATIONS}, got {self.generation!r}")
+        self._validate()
         if self.inference_rope_scaling and self.rope_scaling is None:
             self.rope_scaling = dict(YARN_DEFAULTS)
+
+    def _validate(self) -> None:
+        """Reject settings no MiniMind model can have, with the field named (overrides land here)."""
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
+                     "max_position_embeddings"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("num_experts", "n_shared_experts"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        k = self.num_experts_per_tok
+        if self.num_experts and (not _is_int(k) or not 1 <= k <= self.num_experts):
+            raise ValueError(f"num_experts_per_tok must be an integer from 1 to num_experts="
+                             f"{self.num_experts}, got {k!r}")
+        scaling = self.rope_scaling
+        if scaling is not None and (not isinstance(scaling, Mapping) or
+                                    scaling.get("type", scaling.get("rope_type")) != "yarn"):
+            raise ValueError(f"rope_scaling must be upstream's YaRN block ({{'type': 'yarn', "
+                             f"'factor': 16, ...}}), got {scaling!r}")
 
     # --- derived facts -------------------------------------------------------------------
     @property
@@ -292,6 +327,8 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], hints: Mapping[str, Any]
     settings.update({k: v for k, v in hints.items() if k not in from_shapes})
     settings.update(from_shapes)
     settings.update({k: v for k, v in overrides.items() if k not in from_shapes})
+    if overrides.get("rope_scaling") and "inference_rope_scaling" not in overrides:
+        settings["inference_rope_scaling"] = True  # asking for a YaRN block means using it
     return ModelConfig(**settings)
 
 

@@ -226,3 +226,26 @@ def test_yarn_block_in_config_json_switches_yarn_on(make_checkpoint):
     (path.parent / "config.json").write_text(json.dumps({"model_type": "llama",
                                                          "rope_scaling": None}))
     assert load_checkpoint(path).config.yarn is None
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"num_experts_per_tok": 5}, "num_experts_per_tok must be an integer from 1 to num_experts=4"),
+    ({"num_experts_per_tok": 0}, "num_experts_per_tok must be an integer from 1"),
+    ({"num_experts_per_tok": "two"}, "num_experts_per_tok must be an integer"),
+    ({"rms_norm_eps": -1}, "rms_norm_eps must be a positive number"),
+    ({"rope_theta": 0}, "rope_theta must be a positive number"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer"),
+    ({"rope_scaling": {"type": "linear", "factor": 2}}, "rope_scaling must be upstream's YaRN"),
+])
+def test_bad_overrides_are_named(override, match, make_checkpoint):
+    path, _, _ = make_checkpoint("minimind3-moe")
+    with pytest.raises(ValueError, match=match):
+        load_checkpoint(path, **override)
+
+
+def test_rope_scaling_override_switches_yarn_on(make_checkpoint):
+    path, _, _ = make_checkpoint("minimind2")
+    c = load_checkpoint(path, rope_scaling={"type": "yarn", "factor": 8}).config
+    assert c.inference_rope_scaling and c.yarn["factor"] == 8
+    assert load_checkpoint(path, rope_scaling={"type": "yarn", "factor": 8},
+                           inference_rope_scaling=False).config.yarn is None
