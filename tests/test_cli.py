@@ -141,6 +141,55 @@ def test_info_minimind3_and_overrides(capsys, make_checkpoint):
     assert_one_line_error(err, "hidden_size=64 contradicts the checkpoint")
 
 
+def save_lora(path: Path, hidden: int, layers: int, ranks: dict[str, int], dtype: str = "float32"):
+    """An upstream LoRA file written by hand: ``{module}.lora.A.weight`` [r, in], ``B`` [out, r]."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    state = {}
+    for i in range(layers):
+        for proj, r in ranks.items():
+            name = f"model.layers.{i}.self_attn.{proj}.lora"
+            state[f"{name}.A.weight"] = torch.from_numpy(rng.standard_normal((r, hidden), np.float32))
+            state[f"{name}.B.weight"] = torch.from_numpy(rng.standard_normal((hidden, r), np.float32))
+    state = {k: v.to(getattr(torch, dtype)) for k, v in state.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
+@needs_torch
+def test_info_reports_and_checks_the_lora(capsys, make_checkpoint):
+    path, _, _ = make_checkpoint("minimind3")  # hidden 128 (8 heads x 16), 2 layers
+    lora = save_lora(path.parent / "lora" / "lora_identity_128.pth", 128, 2,
+                     {"q_proj": 4, "o_proj": 2}, dtype="bfloat16")
+    code, out, err = run(capsys, "info", path, "--lora", lora, "--json")
+    assert code == 0, err
+    assert json.loads(out)["lora"] == {"path": str(lora), "rank": 4, "ranks": [2, 4],
+                                       "modules": 4, "file_dtype": "bfloat16"}
+    code, text, err = run(capsys, "info", path, "--lora", lora)
+    assert code == 0, err
+    row = next(line for line in text.splitlines() if line.startswith("lora "))
+    assert str(lora) in row and "rank 2/4" in row and "4 modules" in row and "bfloat16" in row
+
+    # upstream's --lora_weight NAME finds {save_dir}/lora/NAME_{hidden}.pth
+    code, out, err = run(capsys, "info", "--save_dir", path.parent, "--hidden_size", "128",
+                         "--lora_weight", "lora_identity", "--json")
+    assert code == 0, err
+    assert Path(json.loads(out)["lora"]["path"]) == lora
+    code, out, _ = run(capsys, "info", path, "--json")
+    assert json.loads(out)["lora"] is None
+
+    # a LoRA trained for another hidden size is refused, as generate refuses it
+    wrong = save_lora(path.parent / "lora" / "lora_other_128.pth", 64, 2, {"q_proj": 4})
+    for argv in (["info", path, "--lora", wrong],
+                 ["info", "--save_dir", path.parent, "--hidden_size", "128", "--lora_weight",
+                  "lora_other"]):
+        code, out, err = run(capsys, *argv)
+        assert code == 1 and out == ""
+        assert_one_line_error(err, "does not fit", "q_proj")
+
+
 @needs_torch
 def test_upstream_flags_resolve_to_the_fixture(capsys, make_checkpoint, monkeypatch):
     path, _, _ = make_checkpoint("minimind2")
@@ -304,6 +353,19 @@ def test_bench_on_a_real_model(capsys, make_checkpoint):
     assert code == 0
     table = [line for line in out.splitlines() if line.startswith("|")]
     assert len(table) == 4 and table[2].startswith("| 1 | 8 |") and table[3].startswith("| 2 | 8 |")
+
+
+@needs_torch
+def test_bench_leaves_the_engine_free(make_checkpoint):
+    from minimind_core import load
+    from minimind_core.commands import bench as bench_cmd
+
+    path, _, _ = make_checkpoint("minimind2")
+    engine = load(path, backend="torch")
+    rows = bench_cmd.bench(engine, (1, 2), prompt_tokens=5, gen_tokens=3)
+    assert [r["batch"] for r in rows] == [1, 2]
+    # every token loop was closed: the same thread may generate again (no EngineBusyError)
+    assert engine.generate("hi", max_new_tokens=2).completion_tokens >= 1
 
 
 # ---- bad input: one line, non-zero exit, never a traceback -----------------------------------------
@@ -481,6 +543,34 @@ def test_serve_help_with_the_real_server(capsys):
     assert code == 0
     for flag in ("--port", "--api-key", "-m", "--model", "--save_dir", "--lora_weight"):
         assert flag in out
+    assert out.count("\nmodel:\n") == 1  # the server's model flags and ours in one group
+
+
+def test_serve_help_has_one_model_group(capsys, monkeypatch):
+    def configure_parser(parser):
+        group = parser.add_argument_group("model")  # as the real server does
+        group.add_argument("-m", "--model", default=None)
+        group.add_argument("--served-model-name", default=None)
+        parser.add_argument_group("server").add_argument("--port", type=int, default=8000)
+
+    fake_module(monkeypatch, "minimind_core.server", configure_parser=configure_parser,
+                run=lambda args: 0)
+    code, out, _ = run(capsys, "serve", "--help")
+    assert code == 0
+    headings = [line for line in out.splitlines() if line and not line[0].isspace()
+                and line.endswith(":")]
+    assert headings.count("model:") == 1, headings
+    model = out.split("\nmodel:\n")[1].split("\n\n")[0]
+    for flag in ("--served-model-name", "--backend", "--merge-lora", "--q-bits", "--lora"):
+        assert flag in model, flag
+
+
+def test_convert_help_does_not_promise_upstream_paths(capsys):
+    code, out, _ = run(capsys, "convert", "--help")
+    assert code == 0 and "--hidden_size" in out
+    assert "--save_dir" not in out and "{weight}" not in out  # convert takes SRC, not upstream paths
+    code, out, _ = run(capsys, "info", "--help")
+    assert code == 0 and "--save_dir" in out and "out/{weight}_{hidden}.pth" in out
 
 
 def test_serve_without_the_server(capsys, monkeypatch):

@@ -8,7 +8,6 @@ out, scripted replies whose history and printing are checked literally.
 from __future__ import annotations
 
 import io
-import threading
 import types
 from pathlib import Path
 
@@ -105,6 +104,30 @@ def test_arch_overrides_cover_config_fields():
         "rope_scaling": {"type": "yarn", "factor": 4}, "hidden_size": 768,
         "inference_rope_scaling": True}
     assert common.arch_overrides(parse()) == {}
+
+
+# The ModelConfig fields as upstream's scripts spell them, with a value for each (written by hand).
+UNDERSCORE_OVERRIDES = {
+    "--hidden_size": ("768", 768), "--num_hidden_layers": ("16", 16),
+    "--num_attention_heads": ("8", 8), "--num_key_value_heads": ("2", 2), "--head_dim": ("96", 96),
+    "--intermediate_size": ("2432", 2432), "--vocab_size": ("6400", 6400),
+    "--rms_norm_eps": ("1e-6", 1e-6), "--rope_theta": ("10000", 10000.0),
+    "--max_position_embeddings": ("32768", 32768), "--num_experts": ("4", 4),
+    "--num_experts_per_tok": ("1", 1), "--n_shared_experts": ("1", 1),
+    "--norm_topk_prob": ("false", False), "--rope_scaling": ('{"factor": 4}', {"factor": 4}),
+}
+
+
+@pytest.mark.parametrize("flag", sorted(UNDERSCORE_OVERRIDES))
+def test_every_override_has_its_underscore_spelling(flag):
+    text, value = UNDERSCORE_OVERRIDES[flag]
+    field = flag[2:]
+    assert common.arch_overrides(parse(flag, text)) == {field: value}
+    assert common.arch_overrides(parse(flag.replace("_", "-"), text)) == {field: value}
+
+
+def test_underscore_spellings_cover_every_override():
+    assert {"--" + n for n, _ in common.override_fields()} == set(UNDERSCORE_OVERRIDES)
 
 
 def test_upstream_and_dashed_spellings_are_one_flag():
@@ -298,19 +321,24 @@ def test_no_stream_prints_whole_reply():
 # ---- bench timing loop (scripted) ----------------------------------------------------------------
 
 def test_bench_times_every_step_regardless_of_eos():
-    class StepEngine:
+    class StepEngine:  # only the public API: no _lock, no _steps
         config = types.SimpleNamespace(max_position_embeddings=4096, vocab_size=50)
-        _lock = threading.RLock()
 
         def __init__(self):
             self.steps = 0
             self.prompts = []
+            self.open = 0
 
-        def _steps(self, prompts, params):
+        def iter_tokens(self, prompts, params=None, **sampling):
+            assert params.temperature == 0.0 and not sampling
             self.prompts.append(prompts)
-            while True:
-                self.steps += 1
-                yield np.full(len(prompts), 2)  # always eos: bench must not stop early
+            self.open += 1
+            try:
+                for _ in range(params.max_new_tokens):
+                    self.steps += 1
+                    yield np.full(len(prompts), 2)  # always eos: bench must not stop early
+            finally:
+                self.open -= 1
 
     engine = StepEngine()
     rows = bench_cmd.bench(engine, (1, 3), prompt_tokens=20, gen_tokens=6)
@@ -320,5 +348,6 @@ def test_bench_times_every_step_regardless_of_eos():
     assert all(3 <= t < 50 for row in engine.prompts[2] for t in row)
     assert [r["batch"] for r in rows] == [1, 3]
     assert all(r["decode_tokens_per_second"] > 0 for r in rows)
+    assert engine.open == 0  # every token loop was closed
     with pytest.raises(ValueError, match="context window"):
         bench_cmd.bench(engine, (1,), prompt_tokens=4000, gen_tokens=200)

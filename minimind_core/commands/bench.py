@@ -1,9 +1,9 @@
 """``minimind bench``: prefill and decode speed of your model on your backend/device/dtype.
 
 A prompt of ``--prompt-tokens`` random ids is prefilled, then ``--gen-tokens`` tokens are
-decoded greedily at batch 1 and at ``--batch N``. The engine's token loop (``Engine._steps``) is
-timed directly, so end-of-sequence never cuts a run short and every row decodes the full
-budget. A short warm-up run comes first, so one-time costs (cache allocation, kernel choice)
+decoded greedily at batch 1 and at ``--batch N``. The engine's raw token loop
+(``Engine.iter_tokens``) is timed directly, so end-of-sequence never cuts a run short and every
+row decodes the full budget. A short warm-up run comes first, so one-time costs (cache allocation, kernel choice)
 are not counted. For the side-by-side comparison with transformers, see benchmarks/.
 """
 
@@ -27,18 +27,16 @@ FIRST_ID = 3  # skip MiniMind's special ids 0-2 in the random prompts
 
 def time_run(engine: Engine, prompts: list[list[int]], gen_tokens: int) -> tuple[float, float]:
     """(seconds to the first token, seconds for the next ``gen_tokens - 1`` decode steps)."""
-    params = SamplingParams(max_new_tokens=gen_tokens, temperature=0.0)
-    with engine.exclusive():
-        steps = engine._steps(prompts, params)
-        try:
-            t0 = time.perf_counter()
+    steps = engine.iter_tokens(prompts, SamplingParams(max_new_tokens=gen_tokens, temperature=0.0))
+    try:
+        t0 = time.perf_counter()
+        next(steps)
+        t1 = time.perf_counter()
+        for _ in range(gen_tokens - 1):
             next(steps)
-            t1 = time.perf_counter()
-            for _ in range(gen_tokens - 1):
-                next(steps)
-            t2 = time.perf_counter()
-        finally:
-            steps.close()
+        t2 = time.perf_counter()
+    finally:
+        steps.close()  # releases the engine
     return t1 - t0, t2 - t1
 
 

@@ -45,7 +45,7 @@ class ArgumentParser(argparse.ArgumentParser):
 _NOT_OVERRIDABLE = {"extra", "generation", "tie_word_embeddings", "bos_token_id", "eos_token_id",
                     "pad_token_id", "inference_rope_scaling"}
 _FIELD_HELP = {
-    "hidden_size": "hidden size (also picks upstream's out/{weight}_{hidden}.pth)",
+    "hidden_size": "hidden size",
     "num_hidden_layers": "number of layers",
     "num_attention_heads": "query heads (MiniMind2 files cannot tell it; default 8)",
     "num_key_value_heads": "key/value heads",
@@ -61,7 +61,8 @@ _FIELD_HELP = {
     "norm_topk_prob": "renormalise the router's top-k weights (true/false)",
     "rope_scaling": "RoPE scaling as JSON, e.g. '{\"type\": \"yarn\", \"factor\": 16}'",
 }
-_UPSTREAM_FIELDS = {"hidden_size", "num_hidden_layers"}  # upstream spells these flags with '_'
+# Where upstream's path flags exist, --hidden_size also names the file (out/{weight}_{hidden}.pth).
+_HIDDEN_PICKS_FILE = " (also picks upstream's out/{weight}_{hidden}.pth with --save_dir/--weight)"
 
 
 def _bool(text: str) -> bool:
@@ -95,17 +96,25 @@ def override_fields() -> list[tuple[str, Any]]:
     return out
 
 
-def add_arch_args(parser: argparse.ArgumentParser) -> None:
-    """--inference-rope-scaling and one ``--<field>`` flag per ModelConfig field (default: the file's)."""
+def add_arch_args(parser: argparse.ArgumentParser, *, upstream_paths: bool = True) -> None:
+    """--inference-rope-scaling and one ``--<field>`` flag per ModelConfig field (default: the file's).
+
+    Every flag has its upstream underscore spelling too (``--num-attention-heads`` and
+    ``--num_attention_heads``). ``upstream_paths`` says whether the command also has upstream's
+    --save_dir/--weight (then --hidden_size picks the file, which the help says).
+    """
     group = parser.add_argument_group("architecture overrides (default: what the checkpoint says)")
     group.add_argument("--inference-rope-scaling", "--inference_rope_scaling", action="store_true",
                        default=None, help="YaRN RoPE extrapolation (upstream's switch, factor 16)")
     for name, kind in override_fields():
         dashed = "--" + name.replace("_", "-")
-        flags = [dashed, "--" + name] if name in _UPSTREAM_FIELDS else [dashed]
+        flags = [dashed] if dashed == "--" + name else [dashed, "--" + name]
         metavar = "JSON" if kind is _json_object else ("BOOL" if kind is _bool else "N")
+        help_text = _FIELD_HELP.get(name, f"override {name}")
+        if name == "hidden_size" and upstream_paths:
+            help_text += _HIDDEN_PICKS_FILE
         group.add_argument(*flags, dest=name, type=kind, default=None, metavar=metavar,
-                           help=_FIELD_HELP.get(name, f"override {name}"))
+                           help=help_text)
 
 
 def arch_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -137,7 +146,9 @@ def add_model_args(parser: argparse.ArgumentParser, *, runtime: bool = True,
             kw["default"] = argparse.SUPPRESS  # the caller's flag sets the default
         group.add_argument(*kept, **kw)
 
-    g = parser.add_argument_group("model")
+    # One "model" group even when the caller (the server) already opened one.
+    g = next((grp for grp in parser._action_groups if grp.title == "model"), None) \
+        or parser.add_argument_group("model")
     add(g, "-m", "--model", default=None, metavar="PATH",
         help="a .pth / .safetensors file, or a transformers or MLX folder (default: the embedded "
              "demo model)")

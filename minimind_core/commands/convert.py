@@ -52,7 +52,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-adapter-out", default=None, metavar="DIR",
                         help="mlx: write --lora as an mlx_lm adapter folder instead of fusing it")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
-    common.add_arch_args(parser)
+    common.add_arch_args(parser, upstream_paths=False)
 
 
 def main(args: argparse.Namespace) -> int:

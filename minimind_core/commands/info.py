@@ -1,4 +1,9 @@
-"""``minimind info``: what was detected from a checkpoint, without loading a backend."""
+"""``minimind info``: what was detected from a checkpoint (and a LoRA), without loading a backend.
+
+A LoRA given with ``--lora PATH`` or upstream's ``--lora_weight NAME`` is read and checked against
+the checkpoint's architecture, as ``generate`` would before applying it: one that does not fit is
+an error.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import load_checkpoint
+from ..config import ModelConfig
+from ..lora import load_lora
 from ..tokenizer import find_tokenizer
 from . import common
 
@@ -16,8 +23,12 @@ DEMO_NOTE = ("DEMO MODEL: a tiny model trained by examples/train_demo_model.py s
 
 
 def describe_checkpoint(path: str | Path, tokenizer: str | Path | None = None,
-                        **overrides: Any) -> dict[str, Any]:
-    """Everything ``info`` reports about a checkpoint, as a JSON-ready dict."""
+                        lora: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """Everything ``info`` reports about a checkpoint, as a JSON-ready dict.
+
+    ``lora`` is read and validated against the checkpoint's config (LoraError when it does not
+    fit); its description is under ``"lora"`` (None without one).
+    """
     ckpt = load_checkpoint(path, **overrides)
     c = ckpt.config
     source = ckpt.source_config or {}
@@ -53,6 +64,7 @@ def describe_checkpoint(path: str | Path, tokenizer: str | Path | None = None,
         "file_dtype": ckpt.file_dtype,
         "file_size": ckpt.file_size,
         "files": [str(f) for f in ckpt.files],
+        "lora": describe_lora(lora, c) if lora is not None else None,
     }
     try:
         tok = find_tokenizer(ckpt.path, tokenizer)
@@ -63,6 +75,16 @@ def describe_checkpoint(path: str | Path, tokenizer: str | Path | None = None,
             raise  # the one the user named must work
         out.update(tokenizer=None, chat_template=False, tokenizer_error=str(e).splitlines()[0])
     return out
+
+
+def describe_lora(path: str | Path, config: ModelConfig) -> dict[str, Any]:
+    """A LoRA checked against ``config``: its path, rank(s), module count and dtype in the file."""
+    adapter = load_lora(path, config)
+    return {"path": str(adapter.path if adapter.path is not None else path),
+            "rank": adapter.rank,
+            "ranks": sorted(set(adapter.ranks.values())),
+            "modules": len(adapter),
+            "file_dtype": adapter.file_dtype}
 
 
 def _size(n: int) -> str:
@@ -106,6 +128,10 @@ def format_info(d: dict[str, Any]) -> str:
         ("tokenizer", f"{d['tokenizer']} (chat template: {'yes' if d['chat_template'] else 'no'})"
                       if d["tokenizer"] else f"not found: {d['tokenizer_error']}"),
     ]
+    if d.get("lora"):
+        lora = d["lora"]
+        rows.append(("lora", f"{lora['path']} (rank {'/'.join(map(str, lora['ranks']))}, "
+                             f"{lora['modules']} modules, {lora['file_dtype']})"))
     width = max(len(k) for k, _ in rows)
     lines = [DEMO_NOTE] if d["demo"] else []
     lines += [f"{k:<{width}}  {v}" for k, v in rows]
@@ -124,7 +150,8 @@ def main(args: argparse.Namespace) -> int:
         if args.model is not None:
             raise ValueError("give the checkpoint once: as PATH or as --model, not both")
         args.model = args.path
-    model, _, tokenizer = common.model_location(args)
-    d = describe_checkpoint(model or common.demo_weights(), tokenizer, **common.arch_overrides(args))
+    model, lora, tokenizer = common.model_location(args)
+    d = describe_checkpoint(model or common.demo_weights(), tokenizer, lora,
+                            **common.arch_overrides(args))
     print(json.dumps(d, ensure_ascii=False, indent=2) if args.json else format_info(d))
     return 0
