@@ -24,7 +24,9 @@ from .config import ModelConfig, config_from_json, infer_config
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _PREFIXES = ("module.", "_orig_mod.")
 # Buffers some exporters save that are not weights.
-_IGNORED = re.compile(r"(rotary_emb\.inv_freq|freqs_cos|freqs_sin|\.lora\.[AB]\.weight)$")
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|freqs_cos|freqs_sin)$")
+_LORA_KEY = re.compile(r"^(.*)\.lora\.([AB])\.weight$")
+_SHARD = re.compile(r"-\d{5}-of-\d{5}\.")
 
 
 class CheckpointError(ValueError):
@@ -145,14 +147,20 @@ def _read_torch_file(path: Path) -> dict[str, Any]:
     import zipfile
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise
+            # files saved with _use_new_zipfile_serialization=False cannot be memory-mapped
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, AttributeError, TypeError) as e:
         raise CheckpointError(
             f"{path}: not a plain PyTorch state dict that can be loaded safely (weights_only=True "
             f"refused it: {str(e).splitlines()[0][:160]}); save the model with "
             f"torch.save(model.state_dict(), path)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        msg = str(e).splitlines()[0].split(". ")[0][:160] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: cannot read the file, it is truncated or corrupt ({msg}); "
                               f"re-download or re-save it") from None
     return _unwrap_state_dict(obj, path)
@@ -197,9 +205,7 @@ def _read_folder(path: Path) -> tuple[dict[str, Any], list[Path], dict[str, Any]
         shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
         files = [path / s for s in shards]
     else:
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            files = sorted(path.glob("pytorch_model*.bin")) or sorted(path.glob("*.pth"))
+        files = _weight_files(path)
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"{path}: shard {missing[0].name} listed in the index is missing")
@@ -211,6 +217,23 @@ def _read_folder(path: Path) -> tuple[dict[str, Any], list[Path], dict[str, Any]
     for f in files:
         raw.update(read_tensor_file(f))
     return raw, files, source_config
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The weight files of a folder without an index: one file, or the shards of one model.
+
+    Upstream's ``out/`` holds several checkpoints side by side; merging them would be silent
+    nonsense, so more than one unrelated file is an error that lists them.
+    """
+    for pattern in ("model.safetensors", "*.safetensors", "pytorch_model*.bin", "*.pth", "*.pt"):
+        files = sorted(folder.glob(pattern))
+        if len(files) > 1 and not all(_SHARD.search(f.name) for f in files):
+            names = ", ".join(f.name for f in files[:6])
+            raise CheckpointError(f"{folder}: holds several checkpoints ({names}); pass the file "
+                                  f"to load, e.g. {files[0]}")
+        if files:
+            return files
+    return []
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -245,11 +268,15 @@ def normalize_weights(raw: Mapping[str, Any], path: Path) -> tuple[dict[str, np.
                               f"lora={str(path)!r} (CLI: --lora) together with the base checkpoint")
     out: dict[str, np.ndarray] = {}
     dtypes: dict[str, int] = {}
+    lora: dict[str, dict[str, np.ndarray]] = {}
     for key, value in raw.items():
         for prefix in _PREFIXES:
             while key.startswith(prefix):
                 key = key[len(prefix):]
         if _IGNORED.search(key):
+            continue
+        if m := _LORA_KEY.match(key):  # saved after upstream's apply_lora: merged below
+            lora.setdefault(m.group(1), {})[m.group(2)] = _to_numpy(value)[0]
             continue
         arr, dtype = _to_numpy(value)
         dtypes[dtype] = dtypes.get(dtype, 0) + arr.size
@@ -263,7 +290,21 @@ def normalize_weights(raw: Mapping[str, Any], path: Path) -> tuple[dict[str, np.
                                   f"but every MiniMind model ties them; this file is not a MiniMind model")
         del out["lm_head.weight"]
     file_dtype = max(dtypes, key=dtypes.get) if dtypes else "float32"
+    if lora:
+        out = _merge_saved_lora(out, lora, path)
     return out, file_dtype
+
+
+def _merge_saved_lora(weights: dict[str, np.ndarray], lora: dict[str, dict[str, np.ndarray]],
+                      path: Path) -> dict[str, np.ndarray]:
+    """A state dict saved with LoRA layers attached computes W x + B(A x): fold them in."""
+    from .lora import LoRA, merge_into
+
+    broken = [name for name, pair in lora.items() if set(pair) != {"A", "B"}]
+    if broken:
+        raise CheckpointError(f"{path}: LoRA module {broken[0]} has only its "
+                              f"{''.join(lora[broken[0]])} matrix")
+    return merge_into(weights, LoRA({n: (p["A"], p["B"]) for n, p in lora.items()}, path=path))
 
 
 _STACKED = re.compile(r"^(model\.layers\.\d+\.mlp)\.(?:switch_mlp|experts)\.(gate_up_proj|gate_proj|"
