@@ -37,6 +37,7 @@ def atomic_dir(dst: str | Path, force: bool = False) -> Iterator[Path]:
         raise FileExistsError(f"{dst} exists; pass force=True (CLI: --force) to replace it")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the result is for everyone
     try:
         yield tmp
         old = None
@@ -150,3 +151,10 @@ def provenance(fmt: str, converter: str, config: Any, dtype: str, source: Path |
         "lora": str(lora) if lora else None,
         "config": config.to_dict() if config_dict is None else config_dict,
     }
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -22,7 +22,7 @@ from minimind_core.checkpoint import load_checkpoint
 from minimind_core.lora import load_lora, merge_into
 
 from . import to_hf
-from .common import exit_status
+from .common import current_umask, exit_status
 
 FORMATS = ("safetensors", "pth", "hf")
 _SUFFIXES = {".safetensors": "safetensors", ".pth": "pth", ".pt": "pth"}
@@ -73,6 +73,7 @@ def merge(base: str | Path, lora: str | Path, dst: str | Path, *, fmt: str | Non
             to_hf.write_safetensors(to_hf.hf_weights(weights), tmp, out_dtype, meta)
         else:
             _save_pth(weights, tmp, out_dtype)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600
         os.replace(tmp, dst)  # a crash before this line leaves DST as it was
     finally:
         tmp.unlink(missing_ok=True)

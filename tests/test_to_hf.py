@@ -115,8 +115,13 @@ def test_bad_inputs(make_checkpoint, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     left = sorted(p.name for p in tmp_path.iterdir() if p.name != "minimind2-0")
     assert left == ["hf", "notes.pth"]  # nothing half-written
-    assert to_hf.main([str(path), str(dst), "--force", "--quiet"]) == 0
+    assert to_hf.main([str(path), str(dst), "--force", "--quiet", "--dtype", "int4"]) == 1
+    assert ("unknown dtype 'int4'; choose from float32, float16, bfloat16 or auto"
+            in capsys.readouterr().err)
+    # the command line takes the same aliases as load(): fp16 is float16
+    assert to_hf.main([str(path), str(dst), "--force", "--quiet", "--dtype", "fp16"]) == 0
     assert (dst / "model.safetensors").is_file() and not (dst / "keep").exists()
+    assert json.loads((dst / "config.json").read_text())["dtype"] == "float16"
 
 
 def test_interrupted_write_leaves_nothing(make_checkpoint, tmp_path, monkeypatch):
@@ -129,3 +134,26 @@ def test_interrupted_write_leaves_nothing(make_checkpoint, tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         to_hf.convert(path, tmp_path / "hf", progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["minimind2-0"]
+
+
+def test_outputs_have_ordinary_permissions(make_checkpoint, tmp_path):
+    """mkdtemp/mkstemp create 0700/0600; written models must be readable like any file."""
+    import os
+    import stat
+
+    from converters.merge_lora import merge
+    from converters.to_hf import convert
+
+    path, config, _ = make_checkpoint("minimind2")
+    mask = os.umask(0o022)
+    try:
+        folder = convert(path, tmp_path / "hf", progress=False)
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+        lora = tmp_path / "lora.pth"
+        torch = pytest.importorskip("torch")
+        torch.save({"model.layers.0.self_attn.q_proj.lora.A.weight": torch.zeros(8, 128),
+                    "model.layers.0.self_attn.q_proj.lora.B.weight": torch.zeros(128, 8)}, lora)
+        out = merge(path, lora, tmp_path / "merged.safetensors")
+        assert stat.S_IMODE(out.stat().st_mode) == 0o644
+    finally:
+        os.umask(mask)
