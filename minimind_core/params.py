@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, fields, replace
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each next token. Names follow mlx-lm / the OpenAI API.
+    """How to pick each next token. Names follow transformers (``max_new_tokens``; the OpenAI /
+    mlx-lm name ``max_tokens`` is accepted by ``from_kwargs``).
 
     temperature 0 means greedy. top_p 1.0, top_k 0, min_p 0.0 and repetition_penalty 1.0
     each switch their filter off. ``repetition_context_size`` is how many of the most recent
@@ -30,6 +31,10 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         elif not isinstance(self.stop, tuple):
             object.__setattr__(self, "stop", tuple(self.stop or ()))
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool),
+                   f"{name} must be a number, got {value!r}")
         _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
                f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
         _check(self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")

@@ -225,3 +225,12 @@ def test_iter_tokens_ignores_eos_and_stops_at_the_budget(tok):
     script = tok.encode("ab") + [tok.eos_token_id] + tok.encode("cd")
     steps = list(ScriptedEngine(tok, [script]).iter_tokens(["hi"], max_new_tokens=4))
     assert [int(s[0]) for s in steps] == script[:4]
+
+
+def test_mlx_only_options_on_torch_are_named(make_checkpoint):
+    pytest.importorskip("torch")
+    from minimind_core import load
+
+    path, _, _ = make_checkpoint("minimind2")
+    with pytest.raises(ValueError, match="quantize=4 is for the MLX backend"):
+        load(path, backend="torch", quantize=4)

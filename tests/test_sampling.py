@@ -117,3 +117,10 @@ def test_earliest_of_several_stops_wins():
     asm = TextAssembler(ByteTokenizer(), stop=("cd", "b"))
     assert "".join(feed(asm, "abcd")) == "a"
     assert asm.final_text == "a"
+
+
+def test_sampling_params_types():
+    with pytest.raises(ValueError, match="temperature must be a number, got '0.5'"):
+        SamplingParams(temperature="0.5")
+    with pytest.raises(ValueError, match="top_p must be a number"):
+        SamplingParams(top_p=None)

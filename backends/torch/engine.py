@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from minimind_core.checkpoint import Checkpoint, load_checkpoint
+from minimind_core.dtypes import canonical_dtype
 from minimind_core.engine import Engine
 from minimind_core.params import SamplingParams
 from minimind_core.tokenizer import Tokenizer, find_tokenizer
@@ -18,9 +19,7 @@ from .model import MiniMindForCausalLM
 from .sampling import on_device
 from .static import StaticDecoder, static_steps
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-          "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CACHE_STEP = 256  # cache lengths are rounded up to this, so one cache serves many requests
 
 
@@ -51,9 +50,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float16 if device.type == "mps" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from float32, float16, bfloat16")
-    return DTYPES[dtype]
+    return DTYPES[canonical_dtype(dtype)]
 
 
 class TorchEngine(Engine):
@@ -81,12 +78,16 @@ class TorchEngine(Engine):
     @classmethod
     def load(cls, path: str | Path, *, device=None, dtype=None, tokenizer=None, lora=None,
              merge_lora: bool = False, compile: bool = False, cuda_graphs: bool | None = None,
+             quantize: int | None = None, q_group_size: int | None = None,
              **overrides: Any) -> TorchEngine:
         """Read a checkpoint (any supported form), find its tokenizer and build the engine.
 
         On CUDA the decode step runs as a CUDA graph unless ``cuda_graphs=False``;
         ``compile=True`` compiles the static decode step with torch.compile (CPU or GPU).
         """
+        if quantize or q_group_size:
+            raise ValueError(f"quantize={quantize} is for the MLX backend (backend='mlx'); the "
+                             "torch backend runs float32/float16/bfloat16 (dtype=...)")
         ckpt = load_checkpoint(path, **overrides)
         tok = find_tokenizer(ckpt.path, tokenizer)
         engine = cls.from_checkpoint(ckpt, tok, device=device, dtype=dtype, compile=compile,
