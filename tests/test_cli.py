@@ -400,6 +400,28 @@ def test_bad_input_one_line(capsys, make_checkpoint, tmp_path, argv, code, fragm
     assert_one_line_error(err, fragment)
 
 
+@needs_torch
+@pytest.mark.parametrize("kind", ["minimind2-moe", "minimind3-moe"])
+@pytest.mark.parametrize("command,flags,fragments", [
+    ("generate", ["--num-experts-per-tok", "5"], ("num_experts_per_tok", "1 to num_experts=4", "got 5")),
+    ("generate", ["--num_experts_per_tok", "0"], ("num_experts_per_tok", "1 to num_experts=4", "got 0")),
+    ("info", ["--num-experts-per-tok", "5"], ("num_experts_per_tok", "1 to num_experts=4", "got 5")),
+    ("generate", ["--rms-norm-eps", "0"], ("rms_norm_eps must be a positive number",)),
+    ("generate", ["--rope_theta", "-1"], ("rope_theta must be a positive number",)),
+    ("generate", ["--max-position-embeddings", "0"], ("max_position_embeddings must be a positive",)),
+    ("generate", ["--rope-scaling", '{"type": "linear"}'], ("rope_scaling must be", "linear")),
+])
+def test_bad_architecture_override_one_line(capsys, make_checkpoint, kind, command, flags, fragments):
+    path, _, _ = make_checkpoint(kind)  # 4 routed experts
+    argv = [command, "-m", path, *flags] + (["hi", "--max-new-tokens", "2"] if command == "generate"
+                                            else [])
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and out == ""
+    # not torch's "selected index k out of range" from inside the router
+    assert "RuntimeError" not in err and "out of range" not in err
+    assert_one_line_error(err, *fragments)
+
+
 def test_no_prompt_on_a_terminal(capsys, monkeypatch):
     class Tty(io.StringIO):
         def isatty(self):

@@ -114,7 +114,7 @@ UNDERSCORE_OVERRIDES = {
     "--rms_norm_eps": ("1e-6", 1e-6), "--rope_theta": ("10000", 10000.0),
     "--max_position_embeddings": ("32768", 32768), "--num_experts": ("4", 4),
     "--num_experts_per_tok": ("1", 1), "--n_shared_experts": ("1", 1),
-    "--norm_topk_prob": ("false", False), "--rope_scaling": ('{"factor": 4}', {"factor": 4}),
+    "--norm_topk_prob": ("false", False), "--rope_scaling": ('{"type": "yarn", "factor": 4}', {"type": "yarn", "factor": 4}),
 }
 
 
