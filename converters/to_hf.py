@@ -23,13 +23,12 @@ import numpy as np
 from minimind_core import __version__
 from minimind_core.checkpoint import load_checkpoint
 from minimind_core.config import ModelConfig, to_hf_config
+from minimind_core.dtypes import DTYPE_NAMES, canonical_dtype
 from minimind_core.lora import load_lora, merge_into
 from minimind_core.tokenizer import Tokenizer, find_tokenizer
 
 from .common import Progress, atomic_dir, copy_tokenizer, exit_status, folder_size, provenance
 
-DTYPES = ("float32", "float16", "bfloat16")
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 _ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 WEIGHTS_FILE = "model.safetensors"
 
@@ -51,11 +50,11 @@ Weights use upstream's names (`mlp.gate`, `mlp.experts.E.*`, `mlp.shared_experts
 def resolve_dtype(dtype: str | None, file_dtype: str = "float32") -> str:
     """The output dtype: None/"auto" keeps the source file's (float32 when it is something else)."""
     if dtype in (None, "auto"):
-        return file_dtype if file_dtype in DTYPES else "float32"
-    name = _DTYPE_ALIASES.get(str(dtype), str(dtype))
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)} or auto")
-    return name
+        return file_dtype if file_dtype in DTYPE_NAMES else "float32"
+    try:
+        return canonical_dtype(dtype)
+    except ValueError as e:
+        raise ValueError(f"{e} or auto") from None
 
 
 def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None,
@@ -184,8 +183,9 @@ def configure_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
                     "folder) into a folder that transformers' AutoModelForCausalLM loads.")
     parser.add_argument("src", help="a .pth / .safetensors file or a model folder")
     parser.add_argument("dst", help="the transformers folder to write")
-    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
-                        help="dtype of the weights (default: the source's)")
+    parser.add_argument("--dtype", default="auto",
+                        help="float32 (fp32), float16 (fp16, half), bfloat16 (bf16) or auto "
+                             "(default: the source's)")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer folder (default: beside SRC or in upstream's model/)")
     parser.add_argument("--lora", default=None, help="an upstream LoRA file to merge first")

@@ -21,13 +21,12 @@ from typing import Any
 from minimind_core import __version__
 from minimind_core.checkpoint import load_checkpoint
 from minimind_core.config import to_hf_config
+from minimind_core.dtypes import canonical_dtype
 from minimind_core.tokenizer import Tokenizer, find_tokenizer
 
 from .common import Progress, atomic_dir, copy_tokenizer, exit_status, folder_size, provenance
 
 CONVERTER_VERSION = 1
-DTYPES = ("float16", "bfloat16", "float32")
-_DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 MINIMIND2_MOE_NOTE = """\
 # {name} (MiniMind2-MoE, MLX)
@@ -62,9 +61,7 @@ def convert(src: str | Path, dst: str | Path, *, q_bits: int | None = None, q_gr
     from backends.mlx.load import build_model, check_quantization, parse_dtype, quantize
 
     # Every argument is checked before anything is read or written.
-    dtype = _DTYPE_ALIASES.get(dtype, dtype) if dtype is not None else "float16"
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    dtype = canonical_dtype(dtype) if dtype is not None else "float16"
     bits = check_quantization(q_bits, q_group_size)
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if not src.exists():
@@ -167,8 +164,9 @@ def configure_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
                         help="quantize to 4 or 8 bits (0 = full precision, the default)")
     parser.add_argument("--q-group-size", type=int, default=64, choices=(32, 64, 128),
                         help="quantization group size (default 64)")
-    parser.add_argument("--dtype", default="float16", choices=DTYPES,
-                        help="dtype of the unquantized weights (default float16)")
+    parser.add_argument("--dtype", default="float16",
+                        help="dtype of the unquantized weights: float16 (fp16, half; the "
+                             "default), bfloat16 (bf16) or float32 (fp32)")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer folder (default: beside SRC or in upstream's model/)")
     parser.add_argument("--lora", default=None, help="an upstream LoRA file to merge first")

@@ -227,7 +227,7 @@ def test_interrupted_write_leaves_nothing(make_checkpoint, tmp_path, monkeypatch
 def test_command_line(make_checkpoint, tmp_path, capsys):
     path, _, _ = make_checkpoint("minimind3")  # MiniMind-3: head count comes from the weights
     dst = tmp_path / "q8"
-    assert to_mlx.main([str(path), str(dst), "--q-bits", "8", "--dtype", "bfloat16"]) == 0
+    assert to_mlx.main([str(path), str(dst), "--q-bits", "8", "--dtype", "bf16"]) == 0  # an alias
     err = capsys.readouterr().err
     assert "quantizing to 8 bits" in err and "wrote" in err
     meta = json.loads((dst / "config.json").read_text())
@@ -237,3 +237,6 @@ def test_command_line(make_checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         to_mlx.main([str(path), str(dst), "--q-bits", "3"])
     assert exit_info.value.code == 2
+    assert to_mlx.main([str(path), str(tmp_path / "x"), "--dtype", "fp8"]) == 1
+    assert "unknown dtype 'fp8'; choose from float32, float16, bfloat16" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

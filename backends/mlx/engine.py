@@ -35,6 +35,7 @@ from minimind_core.checkpoint import (
     read_safetensors,
 )
 from minimind_core.config import config_from_json, infer_config
+from minimind_core.dtypes import DTYPE_NAMES
 from minimind_core.engine import Engine
 from minimind_core.params import SamplingParams
 from minimind_core.tokenizer import Tokenizer, find_tokenizer
@@ -54,7 +55,6 @@ from .model import Model
 from .sampling import make_sampler
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-FILE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def resolve_device(device: str | mx.Device | None) -> mx.Device:
@@ -272,7 +272,7 @@ def _load_pth_cached(path: Path, overrides: Mapping[str, Any]) -> tuple[Checkpoi
 def _write_cache(ckpt: Checkpoint, folder: Path) -> None:
     from converters.to_mlx import write_folder
 
-    file_dtype = ckpt.file_dtype if ckpt.file_dtype in FILE_DTYPES else "float32"
+    file_dtype = ckpt.file_dtype if ckpt.file_dtype in DTYPE_NAMES else "float32"
     model = build_model(ckpt, parse_dtype(file_dtype))
     write_folder(model, folder, dtype=file_dtype, source=ckpt.path, source_files=ckpt.files,
                  tokenizer=None, force=True)

@@ -18,11 +18,11 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from minimind_core.checkpoint import Checkpoint, CheckpointError
+from minimind_core.dtypes import canonical_dtype
 
 from .model import Model, model_classes
 
-DTYPES = {"float32": mx.float32, "fp32": mx.float32, "float16": mx.float16, "fp16": mx.float16,
-          "half": mx.float16, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16}
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 QUANT_BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 QUANT_MODE = "affine"
@@ -32,16 +32,14 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def dtype_name(dtype: mx.Dtype) -> str:
-    return {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}.get(dtype, str(dtype))
+    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
 
 
 def parse_dtype(dtype: str | mx.Dtype) -> mx.Dtype:
     """"float16" / "bf16" / mx.float32 … → mx dtype; anything else raises ValueError."""
     if isinstance(dtype, mx.Dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from float32, float16, bfloat16")
-    return DTYPES[dtype]
+    return DTYPES[canonical_dtype(dtype)]
 
 
 def check_quantization(bits: int | None, group_size: int) -> int | None:
