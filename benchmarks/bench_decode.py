@@ -1,4 +1,4 @@
-"""CPU speed: TorchEngine vs transformers' generate on the same random weights (issue 4).
+"""CPU speed: TorchEngine vs transformers' generate on the same random weights.
 
     python benchmarks/bench_decode.py                # minimind2-small and minimind-3, fp32, 2 threads
     python benchmarks/bench_decode.py --compile      # adds the torch.compile'd static decode step

@@ -1,4 +1,4 @@
-"""GPU speed (issue 8): CUDA-graph decode vs eager vs transformers (static cache + torch.compile).
+"""GPU speed: CUDA-graph decode vs eager vs transformers (static cache + torch.compile).
 
     python benchmarks/bench_gpu.py                   # needs CUDA; fp16; batch 1, 8, 64
     python benchmarks/bench_gpu.py --device cpu --dtype float32 --batches 1 8 --shapes minimind2-small
