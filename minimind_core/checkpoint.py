@@ -21,8 +21,10 @@ import numpy as np
 
 from .config import ModelConfig, config_from_json, infer_config
 
-WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-_PREFIXES = ("module.", "_orig_mod.")
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")  # files read with torch.load
+WEIGHT_SUFFIXES = TORCH_SUFFIXES + (".safetensors",)
+# Key prefixes added by DDP (``module.``) and torch.compile (``_orig_mod.``), in any nesting.
+STRIP_PREFIXES = ("module.", "_orig_mod.")
 # Buffers some exporters save that are not weights.
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|freqs_cos|freqs_sin)$")
 _LORA_KEY = re.compile(r"^(.*)\.lora\.([AB])\.weight$")
@@ -81,10 +83,20 @@ def read_tensor_file(path: Path) -> dict[str, Any]:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         return read_safetensors(path)
-    if suffix in (".pth", ".pt", ".bin", ".ckpt"):
+    if suffix in TORCH_SUFFIXES:
         return _read_torch_file(path)
     raise CheckpointError(f"{path}: unsupported file type {suffix!r}; expected one of "
                           f"{', '.join(WEIGHT_SUFFIXES)} or a model folder")
+
+
+def strip_prefixes(key: str) -> str:
+    """``module._orig_mod.model.norm.weight`` → ``model.norm.weight`` (every STRIP_PREFIXES, repeated)."""
+    stripped = None
+    while stripped != key:
+        stripped = key
+        for prefix in STRIP_PREFIXES:
+            key = key.removeprefix(prefix)
+    return key
 
 
 # --- safetensors (own reader: numpy has no bf16, and truncation deserves a clear message) ---
@@ -146,14 +158,14 @@ def _read_torch_file(path: Path) -> dict[str, Any]:
     import pickle
     import zipfile
 
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head != b"PK" and head[:1] != b"\x80":  # neither torch's zip format nor a legacy pickle
+        raise CheckpointError(f"{path}: not a PyTorch file, or truncated/corrupt; re-download or "
+                              f"re-save it")
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zip" not in str(e):
-                raise
-            # files saved with _use_new_zipfile_serialization=False cannot be memory-mapped
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        # legacy files (_use_new_zipfile_serialization=False) cannot be memory-mapped
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=head == b"PK")
     except (pickle.UnpicklingError, AttributeError, TypeError) as e:
         raise CheckpointError(
             f"{path}: not a plain PyTorch state dict that can be loaded safely (weights_only=True "
@@ -270,9 +282,7 @@ def normalize_weights(raw: Mapping[str, Any], path: Path) -> tuple[dict[str, np.
     dtypes: dict[str, int] = {}
     lora: dict[str, dict[str, np.ndarray]] = {}
     for key, value in raw.items():
-        for prefix in _PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
+        key = strip_prefixes(key)
         if _IGNORED.search(key):
             continue
         if m := _LORA_KEY.match(key):  # saved after upstream's apply_lora: merged below

@@ -282,3 +282,10 @@ def test_state_dict_saved_with_lora_layers_is_merged(make_checkpoint):
     got = reference_logits(path.with_name("with_lora.pth"))
     np.testing.assert_allclose(got, reference_logits(path.with_name("merged.pth")), atol=1e-5)
     assert np.abs(got - reference_logits(path)).max() > 1e-3  # the LoRA really changed something
+
+
+def test_garbage_file_is_called_corrupt(tmp_path):
+    p = tmp_path / "full_sft_512.pth"
+    p.write_bytes(b"this is not a checkpoint at all" * 10)
+    with pytest.raises(CheckpointError, match="not a PyTorch file, or truncated/corrupt"):
+        load_checkpoint(p)
