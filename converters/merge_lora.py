@@ -18,14 +18,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from minimind_core.checkpoint import load_checkpoint
+from minimind_core.checkpoint import TORCH_SUFFIXES, load_checkpoint
 from minimind_core.lora import load_lora, merge_into
 
 from . import to_hf
 from .common import current_umask, exit_status
 
 FORMATS = ("safetensors", "pth", "hf")
-_SUFFIXES = {".safetensors": "safetensors", ".pth": "pth", ".pt": "pth"}
+# a torch file under any name the readers accept as one (.pth .pt .bin .ckpt)
+_SUFFIXES = {".safetensors": "safetensors", **{s: "pth" for s in TORCH_SUFFIXES}}
 
 
 def output_format(dst: Path, fmt: str | None) -> str:

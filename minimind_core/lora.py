@@ -23,10 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import expected_shapes, read_tensor_file
+from .checkpoint import expected_shapes, read_tensor_file, strip_prefixes
 from .config import ModelConfig
 
-_PREFIXES = ("module.", "_orig_mod.")
 _KEY = re.compile(r"^(?P<module>.+)\.lora\.(?P<part>[AB])\.weight$")
 _MLX_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_[ab])$")
 MLX_ADAPTER_FILE = "adapters.safetensors"
@@ -114,7 +113,7 @@ def read_lora(path: str | Path) -> LoRA:
     dtypes: set[str] = set()
     others = []
     for key, value in raw.items():
-        key = _strip(key)
+        key = strip_prefixes(key)
         m = _KEY.match(key)
         if not m:
             others.append(key)
@@ -171,13 +170,6 @@ def _read_mlx_adapter(folder: Path) -> LoRA:
     if not modules:
         raise LoraError(f"{weights_file}: holds no LoRA tensors")
     return LoRA(modules, folder, "float32", meta={"mlx_adapter_config": cfg})
-
-
-def _strip(key: str) -> str:
-    for prefix in _PREFIXES:
-        while key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
 
 
 def _as_float32(value: Any) -> tuple[np.ndarray, str]:

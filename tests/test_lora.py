@@ -286,7 +286,7 @@ def test_merge_lora_refuses_bad_input(make_checkpoint, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.glob("*.*")) == ["bad.pth", "good.pth",
                                                             "merged.safetensors"]  # no temp left
     with pytest.raises(ValueError, match="unknown output type"):
-        merge_lora.merge(path, good, tmp_path / "m.bin")
+        merge_lora.merge(path, good, tmp_path / "m.gguf")
     merge_lora.merge(path, good, dst, force=True)
     assert dst.read_bytes() != b"keep me"
 

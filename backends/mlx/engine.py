@@ -27,6 +27,7 @@ from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import make_logits_processors
 
 from minimind_core.checkpoint import (
+    TORCH_SUFFIXES,
     Checkpoint,
     CheckpointError,
     check_keys,
@@ -53,8 +54,6 @@ from .load import (
 from .load import quantize as quantize_weights
 from .model import Model
 from .sampling import make_sampler
-
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
 def resolve_device(device: str | mx.Device | None) -> mx.Device:

@@ -22,10 +22,9 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
+from minimind_core.checkpoint import strip_prefixes
 from minimind_core.config import ModelConfig, hf_model_type
 from minimind_core.rope import rope_frequencies
-
-_PREFIXES = ("module.", "_orig_mod.")
 
 
 class RMSNorm(nn.Module):
@@ -225,9 +224,7 @@ class Model(nn.Module):
         out: dict[str, mx.array] = {}
         experts: dict[tuple[str, str], dict[int, mx.array]] = {}
         for key, value in weights.items():
-            for prefix in _PREFIXES:
-                while key.startswith(prefix):
-                    key = key[len(prefix):]
+            key = strip_prefixes(key)
             if key == "lm_head.weight" or key.endswith("rotary_emb.inv_freq"):
                 continue
             parts = key.split(".")
