@@ -33,10 +33,6 @@ GENERATION_DEFAULTS: dict[str, dict[str, Any]] = {
     MINIMIND3: {"rms_norm_eps": 1e-6, "num_experts_per_tok": 1, "num_attention_heads": 8},
 }
 
-# Layer key suffixes (checkpoint names, kept end to end by both backends).
-ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
-
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -315,7 +311,9 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], hints: Mapping[str, Any]
         "vocab_size": vocab,
         "num_experts": n_experts,
         "n_shared_experts": len(shared),
-        "tie_word_embeddings": _tied(shapes),
+        # A checkpoint may hold the tied head once or twice; an untied head would need different
+        # values, which the loader checks. Every released model is tied.
+        "tie_word_embeddings": True,
     }
     for key, value in overrides.items():
         if key in from_shapes and key != "tie_word_embeddings" and value != from_shapes[key]:
@@ -336,12 +334,6 @@ def _shape(shapes: Mapping[str, tuple[int, ...]], key: str) -> tuple[int, ...]:
     if key not in shapes:
         raise ValueError(f"missing key {key!r} in the checkpoint")
     return shapes[key]
-
-
-def _tied(shapes: Mapping[str, tuple[int, ...]]) -> bool:
-    # A checkpoint may hold the tied head once or twice; an untied head would need different values,
-    # which the loader checks. Every released model is tied.
-    return True
 
 
 # --- transformers config.json (export) ----------------------------------------------------

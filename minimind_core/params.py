@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 
 
@@ -129,9 +128,3 @@ class GenerationResult:
             "time_to_first_token": self.time_to_first_token,
             "tokens_per_second": self.tokens_per_second,
         }
-
-
-def as_stop_tuple(stop: str | Sequence[str] | None) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    return (stop,) if isinstance(stop, str) else tuple(stop)
