@@ -34,6 +34,23 @@ def real_tokenizer_dir(name: str) -> Path:
     return path
 
 
+def real_tokenizer_copy(dst: Path, name: str = "minimind3", **config_changes) -> Path:
+    """A writable copy of a real tokenizer in ``dst``; None values delete config keys."""
+    import shutil
+
+    src = real_tokenizer_dir(name)
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src / "tokenizer.json", dst / "tokenizer.json")
+    config = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
+    for key, value in config_changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (dst / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return dst
+
+
 _HF_TOKENIZERS: dict[str, object] = {}
 
 
@@ -143,3 +160,23 @@ def make_checkpoint(tmp_path, tokenizer_dir):
         return path, config, weights
 
     return make
+
+
+# The server test modules each define an ``engine`` fixture; these two serve it over a socket.
+@pytest.fixture(scope="module")
+def server(engine):
+    from server_helpers import MODEL, ServerThread
+
+    from minimind_core.server import create_app
+
+    with ServerThread(create_app(engine, model_name=MODEL)) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server):
+    import openai
+
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                       timeout=30) as c:
+        yield c

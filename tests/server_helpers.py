@@ -148,3 +148,4 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+

@@ -7,13 +7,10 @@ transformers is the oracle: `render` must equal `apply_chat_template(..., tokeni
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 from datetime import datetime
-from pathlib import Path
 
 import pytest
-from conftest import hf_tokenizer, real_tokenizer_dir
+from conftest import hf_tokenizer, real_tokenizer_copy, real_tokenizer_dir
 
 from minimind_core.chat import (
     ChatFormatter,
@@ -75,21 +72,6 @@ KWARGS = {"minimind2": [{}, {"enable_thinking": False}, {"enable_thinking": True
 CASES = [(name, conv, kw) for name, kws in KWARGS.items() for conv in CONVS for kw in kws]
 
 
-def make_folder(dst: Path, name: str = "minimind3", **config_changes) -> Path:
-    """A writable copy of a real tokenizer in `dst`; None values delete config keys."""
-    src = real_tokenizer_dir(name)
-    dst.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src / "tokenizer.json", dst / "tokenizer.json")
-    config = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
-    for key, value in config_changes.items():
-        if value is None:
-            config.pop(key, None)
-        else:
-            config[key] = value
-    (dst / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    return dst
-
-
 def formatter(name: str, **kw) -> ChatFormatter:
     return ChatFormatter(Tokenizer(real_tokenizer_dir(name)), **kw)
 
@@ -97,7 +79,7 @@ def formatter(name: str, **kw) -> ChatFormatter:
 @pytest.fixture
 def plain(tmp_path) -> ChatFormatter:
     """A formatter whose tokenizer has no chat template."""
-    return ChatFormatter(Tokenizer(make_folder(tmp_path / "plain", chat_template=None)))
+    return ChatFormatter(Tokenizer(real_tokenizer_copy(tmp_path / "plain", chat_template=None)))
 
 
 # -- parity with transformers --------------------------------------------------------------
@@ -184,7 +166,7 @@ def test_custom_template_features_match_transformers(tmp_path):
         "{{ tools | tojson }}|{{ documents | tojson }}|{{ custom }}|{{ ns.n }}|{{ eos_token }}\n"
         "{% for m in messages %}{{ 'content' in m }},{{ m.reasoning_content }};{% endfor %}\n"
         "{% if add_generation_prompt %}<gen>{% endif %}")
-    folder = make_folder(tmp_path / "custom", chat_template=template)
+    folder = real_tokenizer_copy(tmp_path / "custom", chat_template=template)
     hf, fmt = hf_tokenizer(folder), ChatFormatter(Tokenizer(folder))
     msgs = [{"role": "user", "content": "<a>&\"é\""}, {"role": "assistant", "content": "x"},
             {"role": "user", "content": "never shown"},
@@ -207,13 +189,13 @@ def test_custom_template_features_match_transformers(tmp_path):
     ("{% for %}", "template"),  # syntax error
 ])
 def test_template_errors_become_value_errors(tmp_path, template, match):
-    fmt = ChatFormatter(Tokenizer(make_folder(tmp_path / "t", chat_template=template)))
+    fmt = ChatFormatter(Tokenizer(real_tokenizer_copy(tmp_path / "t", chat_template=template)))
     with pytest.raises(ValueError, match=match):
         fmt.render([{"role": "user", "content": "x"}])
 
 
 def test_strftime_now(tmp_path):
-    fmt = ChatFormatter(Tokenizer(make_folder(tmp_path / "t",
+    fmt = ChatFormatter(Tokenizer(real_tokenizer_copy(tmp_path / "t",
                                               chat_template="{{ strftime_now('%Y') }}")))
     assert fmt.render([{"role": "user", "content": "x"}]) in {
         str(datetime.now().year), str(datetime.now().year - 1)}

@@ -54,19 +54,6 @@ def engine(tokenizer):
     return ScriptedEngine(tokenizer, window=4096)
 
 
-@pytest.fixture(scope="module")
-def server(engine):
-    with ServerThread(create_app(engine, model_name=MODEL)) as s:
-        yield s
-
-
-@pytest.fixture
-def client(server):
-    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
-                       timeout=30) as c:
-        yield c
-
-
 @pytest.fixture
 def slow(engine):
     """Each token takes 10 ms for the duration of one test."""

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from server_helpers import MODEL, ScriptedEngine, ServerThread, make_tokenizer, user
+from server_helpers import (
+    MODEL,
+    ScriptedEngine,
+    ServerThread,
+    make_tokenizer,
+    user,
+)
 
 pytestmark = pytest.mark.serve
 pytest.importorskip("fastapi")
@@ -18,19 +24,6 @@ from minimind_core.server import create_app  # noqa: E402
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     return ScriptedEngine(make_tokenizer(tmp_path_factory.mktemp("errors") / "model"), window=4096)
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with ServerThread(create_app(engine, model_name=MODEL)) as s:
-        yield s
-
-
-@pytest.fixture
-def client(server):
-    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
-                       timeout=30) as c:
-        yield c
 
 
 LONG = "hello world " * 3000  # far past the 4096-token window

@@ -11,10 +11,9 @@ import random
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import hf_tokenizer, real_tokenizer_dir
+from conftest import hf_tokenizer, real_tokenizer_copy, real_tokenizer_dir
 
 from minimind_core.tokenizer import Tokenizer, TokenizerNotFoundError, find_tokenizer
 
@@ -35,21 +34,6 @@ TEXTS = [
     "",
     "ﬁ ligature, Ǆ, café, naïve, Ω",
 ]
-
-
-def make_folder(dst: Path, name: str = "minimind3", **config_changes) -> Path:
-    """A writable copy of a real tokenizer in `dst`; None values delete config keys."""
-    src = real_tokenizer_dir(name)
-    dst.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src / "tokenizer.json", dst / "tokenizer.json")
-    config = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
-    for key, value in config_changes.items():
-        if value is None:
-            config.pop(key, None)
-        else:
-            config[key] = value
-    (dst / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    return dst
 
 
 @pytest.fixture(params=NAMES)
@@ -137,7 +121,7 @@ def test_config_special_tokens_are_registered_like_transformers(tmp_path):
     base = Tokenizer(real_tokenizer_dir("minimind3"))
     word = next(t for i in range(300, len(base))
                 if (t := base.id_to_token(i)).isascii() and t.isalpha() and len(t) >= 5)
-    folder = make_folder(tmp_path / "t", additional_special_tokens=["<think>", "<new>"],
+    folder = real_tokenizer_copy(tmp_path / "t", additional_special_tokens=["<think>", "<new>"],
                          mask_token="<mask>", sep_token=word)
     tok, hf = Tokenizer(folder), hf_tokenizer(folder)
     assert len(tok) == len(hf) == 6402
@@ -159,7 +143,7 @@ def test_config_added_tokens_missing_from_tokenizer_json(tmp_path):
     decoder = {**src["added_tokens_decoder"],
                "6400": {"content": "<extra>", "special": False, **flags},
                "6401": {"content": "<sp>", "special": True, **flags}}
-    folder = make_folder(tmp_path / "t", "minimind2", added_tokens_decoder=decoder)
+    folder = real_tokenizer_copy(tmp_path / "t", "minimind2", added_tokens_decoder=decoder)
     tok, hf = Tokenizer(folder), hf_tokenizer(folder)
     assert len(tok) == len(hf) == 6402
     ids = tok.encode("a<extra>b<sp>c")
@@ -173,11 +157,11 @@ def test_bos_eos_come_from_tokenizer_json_like_transformers(tmp_path):
     from tokenizers import Tokenizer as Backend
     from tokenizers.processors import TemplateProcessing
 
-    flags = make_folder(tmp_path / "flags", "minimind2", add_bos_token=True, add_eos_token=True)
+    flags = real_tokenizer_copy(tmp_path / "flags", "minimind2", add_bos_token=True, add_eos_token=True)
     assert Tokenizer(flags).encode("hi 世界") == hf_tokenizer(flags)("hi 世界")["input_ids"]
     assert Tokenizer(flags).encode("hi")[0] != 1
 
-    post = make_folder(tmp_path / "post", "minimind2")
+    post = real_tokenizer_copy(tmp_path / "post", "minimind2")
     backend = Backend.from_file(str(post / "tokenizer.json"))
     backend.post_processor = TemplateProcessing(
         single="<|im_start|> $A <|im_end|>", special_tokens=[("<|im_start|>", 1),
@@ -191,7 +175,7 @@ def test_bos_eos_come_from_tokenizer_json_like_transformers(tmp_path):
 def test_special_tokens_given_as_dicts(tmp_path):
     eos = {"content": "<|im_end|>", "lstrip": False, "normalized": False, "rstrip": False,
            "single_word": False, "special": True, "__type": "AddedToken"}
-    folder = make_folder(tmp_path / "t", "minimind2", eos_token=eos)
+    folder = real_tokenizer_copy(tmp_path / "t", "minimind2", eos_token=eos)
     tok = Tokenizer(folder)
     assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
     assert tok.encode("a<|im_end|>") == hf_tokenizer(folder)("a<|im_end|>")["input_ids"]
@@ -209,19 +193,19 @@ def test_tokenizer_json_only(tmp_path):
 
 def test_chat_template_sources(tmp_path):
     # transformers 5 saves the template as chat_template.jinja; it wins over the config.
-    folder = make_folder(tmp_path / "jinja", "minimind2")
+    folder = real_tokenizer_copy(tmp_path / "jinja", "minimind2")
     (folder / "chat_template.jinja").write_text("{{ 'from file' }}", encoding="utf-8")
     assert Tokenizer(folder).chat_template == "{{ 'from file' }}"
     # A list of named templates: "default" is used, "tool_use" when tools are given.
     named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
-    tok = Tokenizer(make_folder(tmp_path / "named", "minimind2", chat_template=named))
+    tok = Tokenizer(real_tokenizer_copy(tmp_path / "named", "minimind2", chat_template=named))
     assert tok.chat_template == "D"
     assert tok.get_chat_template(tools=[{"name": "f"}]) == "T"
-    tok = Tokenizer(make_folder(tmp_path / "dict", "minimind2",
+    tok = Tokenizer(real_tokenizer_copy(tmp_path / "dict", "minimind2",
                                 chat_template={"a": "A", "b": "B"}))
     with pytest.raises(ValueError, match="none named 'default'"):
         _ = tok.chat_template
-    assert Tokenizer(make_folder(tmp_path / "none", chat_template=None)).chat_template is None
+    assert Tokenizer(real_tokenizer_copy(tmp_path / "none", chat_template=None)).chat_template is None
 
 
 # -- errors --------------------------------------------------------------------------------
@@ -248,7 +232,7 @@ def test_corrupt_tokenizer_json(tmp_path):
 
 
 def test_corrupt_tokenizer_config(tmp_path):
-    folder = make_folder(tmp_path / "t")
+    folder = real_tokenizer_copy(tmp_path / "t")
     (folder / "tokenizer_config.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(ValueError, match="tokenizer_config.json"):
         Tokenizer.from_folder(folder)
@@ -265,14 +249,14 @@ def test_encode_rejects_non_strings():
 
 def test_find_in_weights_folder(tmp_path):
     # transformers-format checkpoint: config.json, weights and tokenizer in one folder.
-    folder = make_folder(tmp_path / "MiniMind2", "minimind2")
+    folder = real_tokenizer_copy(tmp_path / "MiniMind2", "minimind2")
     (folder / "model.safetensors").write_bytes(b"")
     assert find_tokenizer(folder).path == folder
     assert find_tokenizer(folder / "model.safetensors").path == folder
 
 
 def test_find_upstream_model_folder(tmp_path):
-    model = make_folder(tmp_path / "X" / "model", "minimind3")
+    model = real_tokenizer_copy(tmp_path / "X" / "model", "minimind3")
     weights = tmp_path / "X" / "out" / "full_sft_512.pth"
     lora = tmp_path / "X" / "out" / "lora" / "lora_identity_512.pth"
     lora.parent.mkdir(parents=True)
@@ -284,15 +268,15 @@ def test_find_upstream_model_folder(tmp_path):
 
 
 def test_weights_folder_beats_model_folder(tmp_path):
-    make_folder(tmp_path / "X" / "model", "minimind3")
-    near = make_folder(tmp_path / "X" / "out", "minimind2")
+    real_tokenizer_copy(tmp_path / "X" / "model", "minimind3")
+    near = real_tokenizer_copy(tmp_path / "X" / "out", "minimind2")
     (near / "w.pth").write_bytes(b"")
     assert find_tokenizer(near / "w.pth").path == near
 
 
 def test_explicit_tokenizer_wins(tmp_path):
-    weights = make_folder(tmp_path / "ckpt", "minimind2")
-    other = make_folder(tmp_path / "other", "minimind3")
+    weights = real_tokenizer_copy(tmp_path / "ckpt", "minimind2")
+    other = real_tokenizer_copy(tmp_path / "other", "minimind3")
     assert find_tokenizer(weights, tokenizer=other).path == other
     assert find_tokenizer(weights, tokenizer=str(other / "tokenizer.json")).path == other
     assert find_tokenizer(None, tokenizer=other).path == other
@@ -301,7 +285,7 @@ def test_explicit_tokenizer_wins(tmp_path):
 
 
 def test_wrong_explicit_tokenizer_does_not_fall_back(tmp_path):
-    weights = make_folder(tmp_path / "ckpt", "minimind2")
+    weights = real_tokenizer_copy(tmp_path / "ckpt", "minimind2")
     missing = tmp_path / "typo"
     with pytest.raises(TokenizerNotFoundError, match="typo"):
         find_tokenizer(weights, tokenizer=missing)
