@@ -158,3 +158,14 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def add_converter_args(parser: Any, dst_help: str) -> None:
+    """SRC, DST and the options every converter takes (--tokenizer, --lora, --force, --quiet)."""
+    parser.add_argument("src", help="a .pth / .safetensors file or a model folder")
+    parser.add_argument("dst", help=dst_help)
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer folder (default: beside SRC or in upstream's model/)")
+    parser.add_argument("--lora", default=None, help="an upstream LoRA file to merge first")
+    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -27,7 +27,15 @@ from minimind_core.dtypes import DTYPE_NAMES, canonical_dtype
 from minimind_core.lora import load_lora, merge_into
 from minimind_core.tokenizer import Tokenizer, find_tokenizer
 
-from .common import Progress, atomic_dir, copy_tokenizer, exit_status, folder_size, provenance
+from .common import (
+    Progress,
+    add_converter_args,
+    atomic_dir,
+    copy_tokenizer,
+    exit_status,
+    folder_size,
+    provenance,
+)
 
 _ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 WEIGHTS_FILE = "model.safetensors"
@@ -181,16 +189,10 @@ def configure_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
         prog="python -m converters.to_hf",
         description="Convert a MiniMind checkpoint (.pth, .safetensors, transformers or MLX "
                     "folder) into a folder that transformers' AutoModelForCausalLM loads.")
-    parser.add_argument("src", help="a .pth / .safetensors file or a model folder")
-    parser.add_argument("dst", help="the transformers folder to write")
+    add_converter_args(parser, "the transformers folder to write")
     parser.add_argument("--dtype", default="auto",
                         help="float32 (fp32), float16 (fp16, half), bfloat16 (bf16) or auto "
                              "(default: the source's)")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer folder (default: beside SRC or in upstream's model/)")
-    parser.add_argument("--lora", default=None, help="an upstream LoRA file to merge first")
-    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
 

@@ -24,7 +24,15 @@ from minimind_core.config import to_hf_config
 from minimind_core.dtypes import canonical_dtype
 from minimind_core.tokenizer import Tokenizer, find_tokenizer
 
-from .common import Progress, atomic_dir, copy_tokenizer, exit_status, folder_size, provenance
+from .common import (
+    Progress,
+    add_converter_args,
+    atomic_dir,
+    copy_tokenizer,
+    exit_status,
+    folder_size,
+    provenance,
+)
 
 CONVERTER_VERSION = 1
 
@@ -158,8 +166,7 @@ def configure_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
         prog="python -m converters.to_mlx",
         description="Convert a MiniMind checkpoint (.pth, .safetensors, transformers folder) "
                     "into a folder that mlx_lm and minimind-core load.")
-    parser.add_argument("src", help="a .pth / .safetensors file or a model folder")
-    parser.add_argument("dst", help="the MLX folder to write")
+    add_converter_args(parser, "the MLX folder to write")
     parser.add_argument("--q-bits", type=int, default=0, choices=(0, 4, 8),
                         help="quantize to 4 or 8 bits (0 = full precision, the default)")
     parser.add_argument("--q-group-size", type=int, default=64, choices=(32, 64, 128),
@@ -167,13 +174,8 @@ def configure_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     parser.add_argument("--dtype", default="float16",
                         help="dtype of the unquantized weights: float16 (fp16, half; the "
                              "default), bfloat16 (bf16) or float32 (fp32)")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer folder (default: beside SRC or in upstream's model/)")
-    parser.add_argument("--lora", default=None, help="an upstream LoRA file to merge first")
     parser.add_argument("--lora-adapter-out", default=None, metavar="DIR",
                         help="with --lora: write it as an mlx_lm adapter folder instead of merging")
-    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
 
