@@ -2,7 +2,9 @@
 
 - TorchEngine vs transformers (LlamaForCausalLM / Qwen3ForCausalLM / Qwen3MoeForCausalLM loaded
   from our to_hf export): max |logit difference| over a 64-token prompt and the 24 greedy tokens;
-- MlxEngine vs TorchEngine on the same file (when mlx is installed).
+- MlxEngine vs TorchEngine on the same file (when mlx is installed);
+- a random upstream-style LoRA (q_proj and o_proj, rank 8 for MiniMind2 / 16 for MiniMind-3):
+  unmerged vs merged on torch, torch vs MLX unmerged, and set_lora(None) back to the base.
 
     python benchmarks/bench_parity.py [--shapes minimind2-small minimind-3]
 """
@@ -26,6 +28,40 @@ def greedy(engine, ids: list[int]) -> list[int]:
     tokens = [int(next(steps)[0]) for _ in range(N_TOKENS)]
     steps.close()
     return tokens
+
+
+def random_lora(config, seed: int = 0):
+    """An upstream-format LoRA on every square linear (q_proj, o_proj) with non-zero B."""
+    from minimind_core.lora import LoRA, square_modules
+
+    rank = 8 if config.generation == "minimind2" else 16
+    rng = np.random.default_rng(seed)
+    h = config.hidden_size
+    return LoRA({name: ((0.02 * rng.standard_normal((rank, h))).astype(np.float32),
+                        (0.02 * rng.standard_normal((h, rank))).astype(np.float32))
+                 for name in square_modules(config)})
+
+
+def lora_row(path, tok, ids: list[int], base: np.ndarray, has_mlx: bool) -> str:
+    from minimind_core import load
+
+    engine = load(path, backend="torch", device="cpu", dtype="float32", tokenizer=tok)
+    lora = random_lora(engine.config)
+    engine.set_lora(lora)
+    unmerged = engine.logits(ids)
+    engine.set_lora(lora, merge=True)
+    merged = engine.logits(ids)
+    engine.set_lora(None)
+    restored = np.array_equal(engine.logits(ids), base)
+    cells = [f"{np.abs(unmerged - merged).max():.1e}"]
+    if has_mlx:
+        mlx = load(path, backend="mlx", device="cpu", dtype="float32", tokenizer=tok)
+        mlx.set_lora(lora)
+        cells.append(f"{np.abs(mlx.logits(ids) - unmerged).max():.1e}")
+    else:
+        cells.append("mlx not installed")
+    cells.append("exact" if restored else "DIFFERENT")
+    return " | ".join(cells)
 
 
 def main() -> None:
@@ -59,7 +95,9 @@ def main() -> None:
                 out = hf.generate(torch.tensor([ids]), max_new_tokens=N_TOKENS, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
             row["hf"] = f"{np.abs(logits - ref).max():.1e} / {'same' if out == tokens else 'DIFFERENT'}"
-        if importlib.util.find_spec("mlx") is not None:
+        has_mlx = importlib.util.find_spec("mlx") is not None
+        row["lora"] = lora_row(path, tok, ids, logits, has_mlx)
+        if has_mlx:
             mlx = load(path, backend="mlx", device="cpu", dtype="float32", tokenizer=tok)
             d = np.abs(mlx.logits(ids) - logits).max()
             row["mlx"] = f"{d:.1e} / {'same' if greedy(mlx, ids) == tokens else 'DIFFERENT'}"
@@ -68,10 +106,11 @@ def main() -> None:
         rows.append(row)
         print(f"  measured {shape}", flush=True)
     print(f"\nfp32 parity, 64-token prompt, {N_TOKENS} greedy tokens (max |Δlogit| / tokens)\n")
-    print("| shape | kind | TorchEngine vs transformers | MlxEngine vs TorchEngine |")
-    print("|---|---|---|---|")
+    print("| shape | kind | TorchEngine vs transformers | MlxEngine vs TorchEngine | LoRA: unmerged "
+          "vs merged | LoRA: MLX vs torch | LoRA removed → base |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['kind']} | {r['hf']} | {r['mlx']} |")
+        print(f"| {r['shape']} | {r['kind']} | {r['hf']} | {r['mlx']} | {r['lora']} |")
 
 
 if __name__ == "__main__":
