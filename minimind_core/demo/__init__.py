@@ -1,0 +1,34 @@
+"""The embedded demo model: a tiny MiniMind-3-format model trained by
+``examples/train_demo_model.py`` on a generated corpus (greetings, who-are-you, additions and
+subtractions up to 99, a few facts). It lets ``minimind_core.load()`` and every CLI command work
+offline with no download. It is a demo, not a real MiniMind model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .corpus import held_out_questions
+
+__all__ = ["DEMO_DESCRIPTION", "DEMO_DIR", "demo_model_path", "held_out_questions"]
+
+DEMO_DIR = Path(__file__).resolve().parent
+DEMO_DESCRIPTION = (
+    "minimind-core's embedded demo model: a tiny MiniMind-3-format model trained in minutes on a "
+    "CPU by examples/train_demo_model.py. It greets, introduces itself, adds and subtracts whole "
+    "numbers up to 99 and knows a few facts. It is a demo, not a real MiniMind model.")
+_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def demo_model_path() -> Path:
+    """The folder holding the demo model (config.json, model.safetensors, tokenizer files).
+
+    Raises:
+        FileNotFoundError: the files are missing (e.g. a source checkout before training).
+    """
+    missing = [name for name in _FILES if not (DEMO_DIR / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the embedded demo model is missing {', '.join(missing)} in {DEMO_DIR}; "
+            f"create it with: python examples/train_demo_model.py (or pass a model path)")
+    return DEMO_DIR
