@@ -234,3 +234,16 @@ def test_mlx_only_options_on_torch_are_named(make_checkpoint):
     path, _, _ = make_checkpoint("minimind2")
     with pytest.raises(ValueError, match="quantize=4 is for the MLX backend"):
         load(path, backend="torch", quantize=4)
+
+
+def test_cpu_threads_follow_model_size():
+    pytest.importorskip("torch")
+    import os
+
+    from backends.torch.engine import cpu_threads
+
+    assert cpu_threads(460_000, None) == 1  # the demo: one thread
+    assert cpu_threads(26_000_000, None) == min(2, os.cpu_count())
+    assert cpu_threads(26_000_000, 3) == 3
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        cpu_threads(1, 0)
