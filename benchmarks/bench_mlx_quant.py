@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="ask only this many questions")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--device", default=None, help="cpu / gpu (default: auto)")
-    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--max-new-tokens", type=int, default=64,
+                        help="enough for the demo's worked answers (about 40 tokens)")
     parser.add_argument("--questions", choices=("demo", "none"), default="demo",
                         help="'none' reports sizes only (for models other than the demo)")
     args = parser.parse_args(argv)
