@@ -71,34 +71,6 @@ def load_engine(force_random: bool):
         f"(tokenizer {Path(tok).name})")
 
 
-class ServerThread:
-    """uvicorn on 127.0.0.1 at a free port in a daemon thread; ``stop()`` runs the app's shutdown.
-
-    ``minimind_core.server.serve`` cannot be used here: it takes a fixed port and blocks with no
-    handle to learn the bound port, to see that it started, or to stop it.
-    """
-
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-
-
 @dataclass
 class Generation:
     tokens: int = 0
@@ -334,7 +306,7 @@ def main() -> int:
     import torch
     import uvicorn
 
-    from minimind_core.server import create_app
+    from minimind_core.server import BackgroundServer, create_app
 
     torch.set_num_threads(a.threads)
     # uvicorn's access log and the server's disconnect notes are not what is measured here
@@ -343,7 +315,7 @@ def main() -> int:
     counter = TokenCounter(engine)
     # neutral defaults: every request below names its own sampling
     app = create_app(engine, model_name=MODEL_ID, defaults=SamplingParams(max_new_tokens=256))
-    server = ServerThread(app)
+    server = BackgroundServer(app).start()
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
                            timeout=60)
     t0 = time.perf_counter()

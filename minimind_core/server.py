@@ -231,6 +231,47 @@ def serve(app: "FastAPI", host: str = "127.0.0.1", port: int = 8000, *, log_leve
     uvicorn.Server(config).run()
 
 
+class BackgroundServer:
+    """``with BackgroundServer(app) as s:`` — uvicorn on ``host`` at a free port in a daemon
+    thread (for notebooks, tests and benchmarks); ``s.url`` is its address, ``stop()`` (or leaving
+    the block) runs the app's shutdown."""
+
+    def __init__(self, app: "FastAPI", host: str = "127.0.0.1", *, log_level: str = "warning",
+                 shutdown_timeout: float = 2.0) -> None:
+        import threading
+
+        import uvicorn
+
+        config = uvicorn.Config(app, host=host, port=0, log_level=log_level,
+                                timeout_graceful_shutdown=shutdown_timeout)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.host, self.url = host, ""
+
+    def start(self, timeout: float = 30.0) -> "BackgroundServer":
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://{self.host}:{port}"
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the model the flags name (see ``configure_parser``; with no model, the embedded
     demo) and serve it until SIGINT/SIGTERM. Raises ValueError/OSError/ImportError when the

@@ -10,7 +10,6 @@ So the tests can ask for replies a random tiny model could never write (``<think
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from pathlib import Path
 
@@ -119,33 +118,8 @@ class ScriptedEngine(Engine):
         raise NotImplementedError
 
 
-class ServerThread:
-    """``with ServerThread(app) as s:`` — uvicorn on 127.0.0.1 at a free port (``s.url``)."""
+def ServerThread(app, shutdown_timeout: float = 2.0):  # noqa: N802 (kept: reads like a class)
+    """``with ServerThread(app) as s:`` — the library's BackgroundServer on 127.0.0.1."""
+    from minimind_core.server import BackgroundServer
 
-    def __init__(self, app, shutdown_timeout: float = 2.0) -> None:
-        import uvicorn
-
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                timeout_graceful_shutdown=shutdown_timeout)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = ""
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    def stop(self, timeout: float = 15.0) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout)
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
+    return BackgroundServer(app, shutdown_timeout=shutdown_timeout)
