@@ -279,17 +279,24 @@ def chat_completion(id: str, created: int, model: str, message: dict[str, Any],
             "usage": usage}
 
 
-def chat_chunk(id: str, created: int, model: str, delta: dict[str, Any] | None,
-               finish_reason: str | None = None, *, include_usage: bool = False,
-               usage: dict[str, int] | None = None) -> dict[str, Any]:
-    """One ``chat.completion.chunk``; ``delta=None`` gives the usage-only last chunk."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
-                                         "finish_reason": finish_reason}]
-    out = {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+def _chunk(obj: str, id: str, created: int, model: str, choice: dict[str, Any] | None,
+           finish_reason: str | None, include_usage: bool,
+           usage: dict[str, int] | None) -> dict[str, Any]:
+    choices = [] if choice is None else [{"index": 0, **choice, "logprobs": None,
+                                          "finish_reason": finish_reason}]
+    out = {"id": id, "object": obj, "created": created, "model": model,
            "system_fingerprint": None, "choices": choices}
     if include_usage:
         out["usage"] = usage
     return out
+
+
+def chat_chunk(id: str, created: int, model: str, delta: dict[str, Any] | None,
+               finish_reason: str | None = None, *, include_usage: bool = False,
+               usage: dict[str, int] | None = None) -> dict[str, Any]:
+    """One ``chat.completion.chunk``; ``delta=None`` gives the usage-only last chunk."""
+    return _chunk("chat.completion.chunk", id, created, model,
+                  None if delta is None else {"delta": delta}, finish_reason, include_usage, usage)
 
 
 def completion(id: str, created: int, model: str, text: str, finish_reason: str,
@@ -304,13 +311,9 @@ def completion(id: str, created: int, model: str, text: str, finish_reason: str,
 def completion_chunk(id: str, created: int, model: str, text: str | None,
                      finish_reason: str | None = None, *, include_usage: bool = False,
                      usage: dict[str, int] | None = None) -> dict[str, Any]:
-    choices = [] if text is None else [{"index": 0, "text": text, "logprobs": None,
-                                        "finish_reason": finish_reason}]
-    out = {"id": id, "object": "text_completion", "created": created, "model": model,
-           "system_fingerprint": None, "choices": choices}
-    if include_usage:
-        out["usage"] = usage
-    return out
+    """One streamed ``text_completion``; ``text=None`` gives the usage-only last chunk."""
+    return _chunk("text_completion", id, created, model,
+                  None if text is None else {"text": text}, finish_reason, include_usage, usage)
 
 
 def model_card(id: str, *, created: int | None = None, owned_by: str = "minimind-core",
