@@ -24,6 +24,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 TEMPLATE_DIR = "additional_chat_templates"
 
 
+def check_paths(src: str | Path, dst: str | Path, force: bool) -> tuple[Path, Path]:
+    """The checks every converter makes before reading anything: SRC exists, DST is free (or
+    ``force``), and DST is neither SRC nor inside it. Returns both as expanded Paths."""
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    if not src.exists():
+        raise FileNotFoundError(f"source not found: {src} (expected a .pth/.safetensors file or "
+                                f"a model folder)")
+    if dst.exists() and not force:
+        raise FileExistsError(f"{dst} exists; pass force=True (CLI: --force) to replace it")
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise ValueError(f"destination {dst} is the source or inside it; pick another folder")
+    return src, dst
+
+
 @contextlib.contextmanager
 def atomic_dir(dst: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``dst``; on success it replaces ``dst`` in one rename.

@@ -31,6 +31,7 @@ from .common import (
     Progress,
     add_converter_args,
     atomic_dir,
+    check_paths,
     copy_tokenizer,
     exit_status,
     folder_size,
@@ -79,14 +80,7 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None,
     """
     # Every argument is checked before anything is read or written.
     resolve_dtype(dtype)
-    src, dst = Path(src).expanduser(), Path(dst).expanduser()
-    if not src.exists():
-        raise FileNotFoundError(f"source not found: {src} (expected a .pth/.safetensors file or "
-                                f"a model folder)")
-    if dst.exists() and not force:
-        raise FileExistsError(f"{dst} exists; pass force=True (CLI: --force) to replace it")
-    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
-        raise ValueError(f"destination {dst} is the source or inside it; pick another folder")
+    src, dst = check_paths(src, dst, force)
     say = Progress("to_hf", enabled=progress)
 
     say(f"reading {src}")

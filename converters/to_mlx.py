@@ -28,6 +28,7 @@ from .common import (
     Progress,
     add_converter_args,
     atomic_dir,
+    check_paths,
     copy_tokenizer,
     exit_status,
     folder_size,
@@ -71,18 +72,11 @@ def convert(src: str | Path, dst: str | Path, *, q_bits: int | None = None, q_gr
     # Every argument is checked before anything is read or written.
     dtype = canonical_dtype(dtype) if dtype is not None else "float16"
     bits = check_quantization(q_bits, q_group_size)
-    src, dst = Path(src).expanduser(), Path(dst).expanduser()
-    if not src.exists():
-        raise FileNotFoundError(f"source not found: {src} (expected a .pth/.safetensors file or "
-                                f"a model folder)")
-    if dst.exists() and not force:
-        raise FileExistsError(f"{dst} exists; pass force=True (CLI: --force) to replace it")
+    src, dst = check_paths(src, dst, force)
     if lora_adapter_out is not None and lora is None:
         raise ValueError("lora_adapter_out (--lora-adapter-out) needs the adapter: pass lora= (--lora)")
     if lora_adapter_out is not None and Path(lora_adapter_out).expanduser().exists() and not force:
         raise FileExistsError(f"{lora_adapter_out} exists; pass force=True (CLI: --force)")
-    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
-        raise ValueError(f"destination {dst} is the source or inside it; pick another folder")
     say = Progress("to_mlx", enabled=progress)
 
     say(f"reading {src}")
