@@ -113,3 +113,18 @@ def test_cuda_half_precision_close_to_fp32(dtype, tol, make_checkpoint):
     ref = load(path, backend="torch", device="cpu", dtype="float32").logits(PROMPTS[1])
     got = load(path, backend="torch", device="cuda", dtype=dtype).logits(PROMPTS[1])
     assert np.abs(got - ref).max() <= tol * max(1.0, np.abs(ref).max())
+
+
+def test_static_path_stops_at_the_end_of_a_window_sized_cache(make_checkpoint):
+    """Blocks of several steps must not run past a cache clamped to the context window."""
+    path, _, _ = make_checkpoint("minimind2", max_position_embeddings=64)
+    plain = load(path, backend="torch", device="cpu", max_position_embeddings=64)
+    static = static_engine(path, "eager", device="cpu", max_position_embeddings=64)
+    static.sync_every = 8
+    from backends.torch.static import static_steps
+
+    prompt = list(range(3, 50))  # 47 tokens: 17 left in the window
+    want = plain.generate(prompt, max_new_tokens=100)
+    static._steps = lambda rows, params: static_steps(static, rows, params, "eager", 8)
+    got = static.generate(prompt, max_new_tokens=100)
+    assert got.token_ids == want.token_ids and want.completion_tokens == 17

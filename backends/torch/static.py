@@ -101,12 +101,16 @@ def static_steps(engine, prompts: list[list[int]], params: SamplingParams, mode:
             first = token.cpu().numpy()
         yield first[:n]  # the first token at once: time to first token
         while True:
+            # never past the cache: it may be clamped to the context window
+            steps = min(sync_every, engine.cache.max_len - engine.cache.length)
+            if steps <= 0:
+                return
             with torch.inference_mode():
-                for j in range(sync_every):
+                for j in range(steps):
                     token = sampling.sample(decoder.step(token), params, generator)
                     block[:, j] = token
                     engine.cache.length += 1
-                columns = block.cpu().numpy().T  # the one host sync of the block
+                columns = block[:, :steps].cpu().numpy().T  # the one host sync of the block
             for column in columns:
                 yield column[:n]
     finally:
