@@ -66,6 +66,11 @@ class Attention(nn.Module):
         self.wqkv: torch.Tensor | None = None
         self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (A, B), unmerged
 
+    def _qk_norm_weight(self) -> torch.Tensor:
+        """q_norm's weight for each q head, then k_norm's for each kv head: [heads + kv, d]."""
+        h, kv, d = self.heads, self.kv_heads, self.head_dim
+        return torch.cat([self.q_norm.weight.expand(h, d), self.k_norm.weight.expand(kv, d)])
+
     def _project(self, x: torch.Tensor, name: str) -> torch.Tensor:
         y = F.linear(x, getattr(self, name).weight)
         return self._add_lora(x, y, name)
@@ -99,7 +104,7 @@ class Attention(nn.Module):
             qkv = torch.cat([self._project(x, n) for n in ("q_proj", "k_proj", "v_proj")], dim=-1)
         qk = qkv[..., : (h + kv) * d].unflatten(-1, (h + kv, d))  # q and k heads side by side
         if self.qk_norm:  # per-head RMSNorm before RoPE (MiniMind-3)
-            weight = torch.cat([self.q_norm.weight.expand(h, d), self.k_norm.weight.expand(kv, d)])
+            weight = self.qk_norm_weight if self.wqkv is not None else self._qk_norm_weight()
             qk = rms_norm(qk, weight, self.q_norm.eps, self.q_norm.weight_in_fp32)
         qk = apply_rope(qk, cos, sin).transpose(1, 2)
         q, k = qk[:, :h], qk[:, h:]
@@ -274,6 +279,8 @@ class MiniMindForCausalLM(nn.Module):
             attn = layer.self_attn
             projections = [attn.q_proj, attn.k_proj, attn.v_proj]
             attn.wqkv = _pack(projections)
+            if attn.qk_norm:  # built once for inference (training recomputes it for gradients)
+                attn.qk_norm_weight = attn._qk_norm_weight()
             mlps = list(layer.mlp.experts) + list(layer.mlp.shared_experts) if isinstance(
                 layer.mlp, MoE) else [layer.mlp]
             for mlp in mlps:
