@@ -74,11 +74,13 @@ class Engine(ABC):
         histories = [list(p) for p in prompts]
         rng = np.random.default_rng(params.seed)
         logits = self._prefill(prompts, max(map(len, prompts)) + params.max_new_tokens)
+        track = params.repetition_penalty != 1.0  # only the penalty reads the history
         while True:
             tokens = self._sample(logits, params, histories, rng)
             yield tokens
-            for history, token in zip(histories, tokens):
-                history.append(int(token))
+            if track:
+                for history, token in zip(histories, tokens):
+                    history.append(int(token))
             logits = self._decode(tokens)
 
     # ---- shared API ----------------------------------------------------------------------
