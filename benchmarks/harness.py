@@ -111,7 +111,8 @@ def bench_ours(shape: str, a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     engine = load(path, backend="torch", device=a.device, dtype=a.dtype,
                   tokenizer=tokenizer_dir(), compile=a.impl == "ours-compiled",
-                  cuda_graphs=False if a.impl == "ours-eager" else None, threads=a.threads)
+                  cuda_graphs=False if a.impl == "ours-eager" else None, threads=a.threads,
+                  native=a.impl != "ours-torch-ops")
     first = engine.iter_tokens([[1, 2, 3, 4]], max_new_tokens=2)
     next(first)
     out = {"load_to_first_token_s": time.perf_counter() - t0}

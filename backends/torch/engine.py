@@ -15,6 +15,7 @@ from minimind_core.engine import Engine
 from minimind_core.params import SamplingParams
 from minimind_core.tokenizer import Tokenizer, find_tokenizer
 
+from . import native as native_lib
 from .cache import KVCache
 from .model import MiniMindForCausalLM
 from .sampling import on_device
@@ -61,7 +62,7 @@ class TorchEngine(Engine):
 
     def __init__(self, model: MiniMindForCausalLM, tokenizer: Tokenizer, *, name: str = "minimind",
                  info: dict[str, Any] | None = None, static: str | None = None,
-                 sync_every: int = 8) -> None:
+                 sync_every: int = 8, native: bool = True) -> None:
         super().__init__(model.config, tokenizer, name=name, info=info)
         self.model = model
         param = next(model.parameters())
@@ -73,18 +74,23 @@ class TorchEngine(Engine):
             raise ValueError("CUDA graphs need a CUDA device; use static='compile' or None on "
                              f"{self.device.type}")
         self.static, self.sync_every = static, sync_every
-        self._decoders: dict[tuple, StaticDecoder] = {}
-        self.info["decode"] = static or "eager"
+        self._decoders: dict[str, Any] = {}  # per cache: static steps and the native step
+        # CPU float32: the small ops of a decode step run in C (backends/torch/native.py)
+        cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
+        self._native = native_lib.library() if native and cpu_fp32 and static is None else None
+        self.info["decode"] = static or ("native" if self._native else "eager")
 
     @classmethod
     def load(cls, path: str | Path, *, device=None, dtype=None, tokenizer=None, lora=None,
              merge_lora: bool = False, compile: bool = False, cuda_graphs: bool | None = None,
              quantize: int | None = None, q_group_size: int | None = None,
-             threads: int | None = None, **overrides: Any) -> TorchEngine:
+             threads: int | None = None, native: bool = True, **overrides: Any) -> TorchEngine:
         """Read a checkpoint (any supported form), find its tokenizer and build the engine.
 
         On CUDA the decode step runs as a CUDA graph unless ``cuda_graphs=False``;
         ``compile=True`` compiles the static decode step with torch.compile (CPU or GPU).
+        On CPU in float32 the decode step's small ops run in C (``backends/torch/native.py``)
+        unless ``native=False``; the numbers are the same either way.
         """
         if quantize or q_group_size:
             raise ValueError(f"quantize={quantize} is for the MLX backend (backend='mlx'); the "
@@ -92,7 +98,7 @@ class TorchEngine(Engine):
         ckpt = load_checkpoint(path, **overrides)
         tok = find_tokenizer(ckpt.path, tokenizer)
         engine = cls.from_checkpoint(ckpt, tok, device=device, dtype=dtype, compile=compile,
-                                     cuda_graphs=cuda_graphs, threads=threads)
+                                     cuda_graphs=cuda_graphs, threads=threads, native=native)
         if lora is not None:
             engine.set_lora(lora, merge=merge_lora)
         return engine
@@ -100,7 +106,7 @@ class TorchEngine(Engine):
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, tokenizer: Tokenizer, *, device=None,
                         dtype=None, compile: bool = False, cuda_graphs: bool | None = None,
-                        threads: int | None = None) -> TorchEngine:
+                        threads: int | None = None, native: bool = True) -> TorchEngine:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         if dev.type == "cpu":
@@ -111,7 +117,8 @@ class TorchEngine(Engine):
                 "dtype": str(dt).removeprefix("torch."), "tokenizer": str(tokenizer.path)}
         use_graphs = dev.type == "cuda" if cuda_graphs is None else cuda_graphs
         static = "graph" if use_graphs else ("compile" if compile else None)
-        return cls(model, tokenizer, name=Path(ckpt.path).stem, info=info, static=static)
+        return cls(model, tokenizer, name=Path(ckpt.path).stem, info=info, static=static,
+                   native=native)
 
     def _steps(self, prompts: list[list[int]], params: SamplingParams):
         if self.static is None or not on_device(params):
@@ -130,7 +137,7 @@ class TorchEngine(Engine):
         from .lora import set_lora
 
         set_lora(self, lora, merge=merge)
-        self._decoders.clear()  # a captured graph would replay the old weights' kernels
+        self._decoders.clear()  # a captured graph replays old kernels; LoRA decides native
 
     # ---- backend steps ------------------------------------------------------------------
     def _ensure_cache(self, batch: int, length: int) -> KVCache:
@@ -156,13 +163,27 @@ class TorchEngine(Engine):
         cache.length = longest
         return logits[:, -1]
 
+    def _native_decoder(self) -> native_lib.NativeDecoder | None:
+        """The C-assisted CPU step for the current cache, when it covers this model's state."""
+        if self._native is None:
+            return None
+        if "native" not in self._decoders:
+            ok = native_lib.supported(self.model, self.device, self.dtype)
+            self._decoders["native"] = native_lib.NativeDecoder(
+                self.model, self.cache, self._native) if ok else None
+        return self._decoders["native"]
+
     @torch.inference_mode()
     def _decode(self, tokens: np.ndarray) -> torch.Tensor:
         cache = self.cache
-        ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=self.device)[:, None]
-        logits = self.model(ids, cache, cache.length)
+        step = self._native_decoder()
+        if step is not None:
+            logits = step.step(tokens, cache.length)
+        else:
+            ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=self.device)[:, None]
+            logits = self.model(ids, cache, cache.length)[:, -1]
         cache.length += 1
-        return logits[:, -1]
+        return logits
 
     @torch.inference_mode()
     def _logits(self, ids: list[int]) -> np.ndarray:

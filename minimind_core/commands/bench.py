@@ -109,7 +109,8 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": desc, "load_seconds": load_s, "results": rows}, default=str))
         return 0
-    where = ", ".join(f"{k} {desc[k]}" for k in ("backend", "device", "dtype") if desc.get(k))
+    where = ", ".join(f"{k} {desc[k]}" for k in ("backend", "device", "dtype", "threads", "decode")
+                      if desc.get(k))
     print(f"{desc['name']}: {desc['kind']}, {desc['parameters'] / 1e6:.1f}M parameters; {where}; "
           f"loaded in {load_s:.2f} s\n")
     print(format_table(rows))

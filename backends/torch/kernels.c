@@ -1,0 +1,109 @@
+/* Everything a CPU float32 decode step does between its matrix products, one call each.
+ *
+ * backends/torch/native.py compiles this file once per machine (plain `cc -O3`, no torch
+ * headers) and calls it through ctypes; the matrix products stay in torch (MKL, threaded).
+ * Each function replaces 5-15 small torch ops, whose dispatch costs more than their arithmetic
+ * at batch 1. Shapes follow backends/torch/model.py: rows of a batch are contiguous, the KV
+ * cache of one layer is [batch, kv_heads, max_len, head_dim], RoPE tables are [positions,
+ * head_dim] with the signed sine cat(-sin, sin).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_HEAD_DIM 1024
+
+/* Eight independent partial sums: vectorisable without reassociating a single sum. */
+static float dot(const float *a, const float *b, int n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) acc[k] += a[i + k] * b[i + k];
+    float tail = 0.0f;
+    for (; i < n; i++) tail += a[i] * b[i];
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+}
+
+/* out = x * rsqrt(mean(x^2) + eps) * w over one row of n (out may alias x). */
+static void norm_row(float *out, const float *x, const float *w, int n, float eps) {
+    float s = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * s * w[i];
+}
+
+/* x += delta (when delta is not NULL), then out = rms_norm(x) * w, row by row. */
+void add_rms_norm(float *x, const float *delta, float *out, const float *w, int rows, int n,
+                  float eps) {
+    for (int r = 0; r < rows; r++) {
+        float *xr = x + (int64_t)r * n;
+        if (delta)
+            for (int i = 0; i < n; i++) xr[i] += delta[(int64_t)r * n + i];
+        norm_row(out + (int64_t)r * n, xr, w, n, eps);
+    }
+}
+
+/* out = silu(gate) * up, with h = [gate | up] per row (the fused gate/up projection). */
+void silu_mul(float *out, const float *h, int rows, int ffn) {
+    for (int r = 0; r < rows; r++) {
+        const float *g = h + (int64_t)r * 2 * ffn, *u = g + ffn;
+        float *o = out + (int64_t)r * ffn;
+        for (int i = 0; i < ffn; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}
+
+/* dst = (optional per-head RMSNorm of src) rotated by RoPE: x cos + swap_halves(x) sin_signed. */
+static void rope_head(float *dst, const float *src, const float *norm_w, float eps,
+                      const float *cos, const float *sin, int d) {
+    float tmp[MAX_HEAD_DIM];
+    if (norm_w) {
+        norm_row(tmp, src, norm_w, d, eps);
+        src = tmp;
+    }
+    int half = d / 2;
+    for (int i = 0; i < d; i++) dst[i] = src[i] * cos[i] + src[i < half ? i + half : i - half] * sin[i];
+}
+
+/* One query position per row: RoPE (after MiniMind-3's q/k RMSNorm when qk_w is not NULL) on
+ * q and k, k and v written to the cache at `pos`, then softmax(q k^T / sqrt(d)) v over the keys
+ * pad[b]..pos of the row. qkv is [rows, (heads + 2 kv_heads) * d]; out is [rows, heads * d];
+ * qk_w is [heads + kv_heads, d] (q_norm's weight per q head, then k_norm's); scores needs
+ * max_len floats. Returns -1 (nothing done) when d is larger than MAX_HEAD_DIM or odd, or pos
+ * is outside the cache. */
+int attend(const float *qkv, float *out, float *kc, float *vc, const float *cos_t,
+           const float *sin_t, const float *qk_w, float eps, const int64_t *pad, int rows,
+           int heads, int kv_heads, int d, int max_len, int pos, float *scores) {
+    if (d > MAX_HEAD_DIM || d % 2 || pos < 0 || pos >= max_len) return -1;
+    int group = heads / kv_heads, width = (heads + 2 * kv_heads) * d;
+    float scale = 1.0f / sqrtf((float)d), q[MAX_HEAD_DIM];
+    for (int b = 0; b < rows; b++) {
+        const float *row = qkv + (int64_t)b * width;
+        int p = pos - (int)pad[b], first = (int)pad[b];
+        if (p < 0) p = 0;
+        const float *c = cos_t + (int64_t)p * d, *s = sin_t + (int64_t)p * d;
+        for (int g = 0; g < kv_heads; g++) {
+            int64_t at = (((int64_t)b * kv_heads + g) * max_len + pos) * d;
+            rope_head(kc + at, row + (heads + g) * d, qk_w ? qk_w + (heads + g) * d : NULL, eps,
+                      c, s, d);
+            memcpy(vc + at, row + (heads + kv_heads + g) * d, sizeof(float) * d);
+        }
+        for (int h = 0; h < heads; h++) {
+            int g = h / group;
+            const float *k = kc + ((int64_t)b * kv_heads + g) * max_len * d;
+            const float *v = vc + ((int64_t)b * kv_heads + g) * max_len * d;
+            rope_head(q, row + h * d, qk_w ? qk_w + h * d : NULL, eps, c, s, d);
+            float top = -INFINITY, total = 0.0f;
+            for (int j = first; j <= pos; j++) {
+                scores[j] = dot(q, k + (int64_t)j * d, d) * scale;
+                if (scores[j] > top) top = scores[j];
+            }
+            for (int j = first; j <= pos; j++) total += scores[j] = expf(scores[j] - top);
+            float inv = 1.0f / total, *o = out + ((int64_t)b * heads + h) * d;
+            memset(o, 0, sizeof(float) * d);
+            for (int j = first; j <= pos; j++) {
+                float pj = scores[j] * inv;
+                const float *vj = v + (int64_t)j * d;
+                for (int i = 0; i < d; i++) o[i] += pj * vj[i];
+            }
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,154 @@
+"""The C-assisted CPU decode step (backends/torch/native.py) gives the plain torch step's numbers,
+for every kind, batches with left padding, long caches and LoRA; and it steps aside cleanly when
+it cannot run (no compiler, a failing compiler, disabled, fp16, unmerged LoRA)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from test_lora import lora_state, save_lora  # noqa: E402
+
+from backends.torch import native  # noqa: E402
+from minimind_core import load  # noqa: E402
+
+KINDS = ["minimind2", "minimind2-moe", "minimind3", "minimind3-moe"]
+PROMPTS = [[1, 5, 9], list(range(3, 40)), [1, 200, 300, 40], [7] * 11]
+needs_native = pytest.mark.skipif(native.library() is None, reason="no working C compiler")
+
+
+def engines(path, **kw):
+    nat = load(path, backend="torch", device="cpu", **kw)
+    ref = load(path, backend="torch", device="cpu", native=False, **kw)
+    return nat, ref
+
+
+def step_logits(engine, prompts, tokens: np.ndarray) -> torch.Tensor:
+    """Prefill ``prompts``, then feed ``tokens`` [steps, B] one step at a time: the logits."""
+    engine._prefill(prompts, max(map(len, prompts)) + len(tokens))
+    return torch.stack([engine._decode(t).clone() for t in tokens])
+
+
+@needs_native
+@pytest.mark.parametrize("kind", KINDS)
+def test_native_step_matches_torch_step(kind, make_checkpoint):
+    path, config, _ = make_checkpoint(kind)
+    nat, ref = engines(path)
+    assert (nat.info["decode"], ref.info["decode"]) == ("native", "eager")
+    tokens = np.random.default_rng(0).integers(3, config.vocab_size, (12, len(PROMPTS)))
+    got, want = step_logits(nat, PROMPTS, tokens), step_logits(ref, PROMPTS, tokens)
+    assert nat._native_decoder() is not None and ref._native_decoder() is None
+    assert got.shape == (12, len(PROMPTS), config.vocab_size)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # and whole generations, greedy and sampled, are the same tokens
+    for kw in ({}, {"temperature": 0.9, "top_p": 0.9, "seed": 3},
+               {"repetition_penalty": 1.3}):
+        a = nat.generate_batch(PROMPTS, max_new_tokens=16, **kw)
+        b = ref.generate_batch(PROMPTS, max_new_tokens=16, **kw)
+        assert [r.token_ids for r in a] == [r.token_ids for r in b]
+
+
+@needs_native
+def test_long_cache_and_cache_changes(make_checkpoint):
+    """A 300-token prompt (the cache grows past one 256 step) and a batch-size change in between:
+    each new cache gets a decoder bound to its own buffers."""
+    path, _, _ = make_checkpoint("minimind3", max_position_embeddings=1024)
+    nat, ref = engines(path)
+    long = [list(np.random.default_rng(1).integers(3, 400, 300))]
+    for prompts in (long, PROMPTS, long):
+        a = nat.generate_batch(prompts, max_new_tokens=20)
+        b = ref.generate_batch(prompts, max_new_tokens=20)
+        assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert nat.cache.max_len == 512
+
+
+@needs_native
+def test_head_sizes_and_a_single_kv_head(make_checkpoint):
+    """head_dim 8, 12 and 48 with hidden 100 (tails of the 8-wide dot product), 1 kv head for
+    4 q heads."""
+    for head_dim, heads, kv in ((8, 4, 1), (12, 4, 2), (48, 4, 2)):
+        path, config, _ = make_checkpoint("minimind3", seed=head_dim, head_dim=head_dim,
+                                          hidden_size=100, num_attention_heads=heads,
+                                          num_key_value_heads=kv)
+        nat, ref = engines(path)
+        tokens = np.random.default_rng(2).integers(3, config.vocab_size, (6, 2))
+        got = step_logits(nat, PROMPTS[:2], tokens)
+        torch.testing.assert_close(got, step_logits(ref, PROMPTS[:2], tokens), rtol=1e-5,
+                                   atol=1e-5)
+
+
+@needs_native
+def test_lora_merged_runs_native_unmerged_steps_aside(make_checkpoint, tmp_path):
+    path, config, _ = make_checkpoint("minimind2")
+    adapter = save_lora(lora_state(config), tmp_path / "lora.pth")
+    for merge in (True, False):
+        nat, ref = engines(path, lora=adapter, merge_lora=merge)
+        tokens = np.random.default_rng(3).integers(3, config.vocab_size, (5, len(PROMPTS)))
+        got, want = step_logits(nat, PROMPTS, tokens), step_logits(ref, PROMPTS, tokens)
+        assert (nat._native_decoder() is not None) == merge
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    nat.set_lora(None)  # unmerged adapter removed: the native step comes back, on the base
+    base = load(path, backend="torch", device="cpu", native=False)
+    assert nat.generate(PROMPTS[1], max_new_tokens=12).token_ids == \
+        base.generate(PROMPTS[1], max_new_tokens=12).token_ids
+    assert nat._native_decoder() is not None
+
+
+def test_not_used_off_cpu_fp32(make_checkpoint):
+    path, _, _ = make_checkpoint("minimind2")
+    assert load(path, backend="torch", device="cpu", dtype="bfloat16").info["decode"] == "eager"
+    assert not native.supported(load(path, backend="torch", device="cpu").model,
+                                torch.device("cpu"), torch.float16)
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """native.library() builds again, into an empty cache folder."""
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    yield tmp_path / "cache" / "minimind-core"
+    native._lib = None  # the next user rebuilds (or finds the real cache) again
+
+
+@pytest.mark.parametrize("env", [{"CC": "/nonexistent/cc"}, {"CC": "false"},
+                                 {"MINIMIND_NATIVE": "0"}])
+def test_falls_back_to_torch_without_a_compiler(env, fresh_build, monkeypatch, make_checkpoint,
+                                                caplog):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    path, _, _ = make_checkpoint("minimind2")
+    with caplog.at_level(logging.INFO, logger=native.__name__):
+        engine = load(path, backend="torch", device="cpu")
+    assert engine.info["decode"] == "eager" and engine._native is None
+    if env.get("CC") == "false":
+        assert "failed" in caplog.text
+    assert not list(fresh_build.glob("*.so"))
+    ref = load(path, backend="torch", device="cpu", native=False)
+    assert engine.generate(PROMPTS[1], max_new_tokens=8).token_ids == \
+        ref.generate(PROMPTS[1], max_new_tokens=8).token_ids
+
+
+@needs_native
+def test_builds_once_into_the_cache(fresh_build):
+    lib = native.library()
+    built = list(fresh_build.glob("kernels-*.so"))
+    assert lib is not None and len(built) == 1 and list(fresh_build.iterdir()) == built
+    native._lib = None
+    mtime = built[0].stat().st_mtime_ns
+    assert native.library() is not None and built[0].stat().st_mtime_ns == mtime  # reused
+
+
+@needs_native
+def test_step_refuses_what_would_write_out_of_bounds(make_checkpoint):
+    path, _, _ = make_checkpoint("minimind2")
+    engine = load(path, backend="torch", device="cpu")
+    engine._prefill([[1, 2, 3]], 10)
+    step = engine._native_decoder()
+    with pytest.raises(ValueError, match="position 256 for a cache of 1 rows and 256"):
+        step.step(np.array([5]), engine.cache.max_len)
+    with pytest.raises(ValueError, match="2 tokens"):
+        step.step(np.array([5, 6]), 3)
