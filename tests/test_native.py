@@ -5,6 +5,9 @@ it cannot run (no compiler, a failing compiler, disabled, fp16, unmerged LoRA)."
 from __future__ import annotations
 
 import logging
+import os
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,12 +93,42 @@ def test_lora_merged_runs_native_unmerged_steps_aside(make_checkpoint, tmp_path)
         tokens = np.random.default_rng(3).integers(3, config.vocab_size, (5, len(PROMPTS)))
         got, want = step_logits(nat, PROMPTS, tokens), step_logits(ref, PROMPTS, tokens)
         assert (nat._native_decoder() is not None) == merge
+        assert nat.info["decode"] == ("native" if merge else "eager")
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     nat.set_lora(None)  # unmerged adapter removed: the native step comes back, on the base
+    assert nat.info["decode"] == "native"
     base = load(path, backend="torch", device="cpu", native=False)
     assert nat.generate(PROMPTS[1], max_new_tokens=12).token_ids == \
         base.generate(PROMPTS[1], max_new_tokens=12).token_ids
     assert nat._native_decoder() is not None
+
+
+@needs_native
+def test_set_lora_between_generations_of_one_batch_size(make_checkpoint, tmp_path):
+    """The cache (and so its native step) survives set_lora: the step must still be rebuilt."""
+    path, config, _ = make_checkpoint("minimind3")
+    adapter = save_lora(lora_state(config), tmp_path / "lora.pth")
+    nat, ref = engines(path)
+    for lora, merge in ((None, False), (adapter, False), (adapter, True), (None, False)):
+        for engine in (nat, ref):
+            engine.set_lora(lora, merge=merge)
+        a = nat.generate_batch(PROMPTS, max_new_tokens=12)
+        b = ref.generate_batch(PROMPTS, max_new_tokens=12)
+        assert [r.token_ids for r in a] == [r.token_ids for r in b], (lora, merge)
+
+
+@needs_native
+def test_cache_grows_for_the_same_batch_size(make_checkpoint):
+    path, _, _ = make_checkpoint("minimind2", max_position_embeddings=1024)
+    nat, ref = engines(path)
+    rng = np.random.default_rng(4)
+    for length in (10, 300, 10):
+        prompt = rng.integers(3, 400, length).tolist()
+        assert nat.generate(prompt, max_new_tokens=16).token_ids == \
+            ref.generate(prompt, max_new_tokens=16).token_ids
+        if length == 300:
+            assert nat.cache.max_len == 512
+            nat.logits(rng.integers(3, 400, 700).tolist())  # grows the RoPE tables in between
 
 
 def test_not_used_off_cpu_fp32(make_checkpoint):
@@ -105,13 +138,30 @@ def test_not_used_off_cpu_fp32(make_checkpoint):
                                 torch.device("cpu"), torch.float16)
 
 
+def test_label_follows_what_runs(make_checkpoint):
+    path, _, _ = make_checkpoint("minimind3", seed=5, head_dim=1040, num_attention_heads=2,
+                                 num_key_value_heads=1)
+    engine = load(path, backend="torch", device="cpu")  # too wide for the C attention
+    assert engine.info["decode"] == "eager" and engine.describe()["decode"] == "eager"
+    assert engine.generate([1, 2, 3], max_new_tokens=3).token_ids
+
+
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
-    """native.library() builds again, into an empty cache folder."""
+    """native.library() builds again, into an empty cache folder (returns the build folder)."""
     monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    yield tmp_path / "cache" / "minimind-core"
+    monkeypatch.setenv("MINIMIND_CACHE", str(tmp_path / "cache"))
+    yield tmp_path / "cache" / "native"
     native._lib = None  # the next user rebuilds (or finds the real cache) again
+
+
+def assert_falls_back(make_checkpoint):
+    path, _, _ = make_checkpoint("minimind2")
+    engine = load(path, backend="torch", device="cpu")
+    assert engine.info["decode"] == "eager" and engine._native is None
+    ref = load(path, backend="torch", device="cpu", native=False)
+    assert engine.generate(PROMPTS[1], max_new_tokens=8).token_ids == \
+        ref.generate(PROMPTS[1], max_new_tokens=8).token_ids
 
 
 @pytest.mark.parametrize("env", [{"CC": "/nonexistent/cc"}, {"CC": "false"},
@@ -120,16 +170,55 @@ def test_falls_back_to_torch_without_a_compiler(env, fresh_build, monkeypatch, m
                                                 caplog):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    path, _, _ = make_checkpoint("minimind2")
     with caplog.at_level(logging.INFO, logger=native.__name__):
-        engine = load(path, backend="torch", device="cpu")
-    assert engine.info["decode"] == "eager" and engine._native is None
-    if env.get("CC") == "false":
-        assert "failed" in caplog.text
-    assert not list(fresh_build.glob("*.so"))
-    ref = load(path, backend="torch", device="cpu", native=False)
-    assert engine.generate(PROMPTS[1], max_new_tokens=8).token_ids == \
-        ref.generate(PROMPTS[1], max_new_tokens=8).token_ids
+        assert_falls_back(make_checkpoint)
+    assert not list(fresh_build.glob("*.so")) and not list(fresh_build.glob("*.tmp"))
+    if env.get("CC") == "false":  # a failed build is remembered: no second attempt
+        assert "failed" in caplog.text and len(list(fresh_build.glob("*.failed"))) == 1
+        native._lib = None
+        monkeypatch.setattr(native.subprocess, "Popen", None)  # calling it would raise
+        assert native.library() is None
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="POSIX process groups")
+def test_a_hanging_compiler_is_killed(fresh_build, monkeypatch, make_checkpoint, tmp_path):
+    script = tmp_path / "slowcc"
+    script.write_text(f"#!/bin/sh\nsleep 300 &\necho $! > {tmp_path}/child\nwait\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("CC", str(script))
+    monkeypatch.setattr(native, "COMPILE_TIMEOUT", 1)
+    t = time.monotonic()
+    assert_falls_back(make_checkpoint)
+    assert time.monotonic() - t < 30
+    assert not list(fresh_build.glob("*.tmp")) and list(fresh_build.glob("*.failed"))
+    child = (tmp_path / "child").read_text().strip()
+    time.sleep(0.2)
+    status = Path(f"/proc/{child}/status")
+    if status.exists():  # gone, or a zombie waiting for its reaper: not sleeping on
+        assert "zombie" in status.read_text().lower()
+
+
+@pytest.mark.parametrize("cache", ["no-home", "under-a-file"])
+def test_falls_back_without_a_usable_cache_folder(cache, fresh_build, monkeypatch,
+                                                  make_checkpoint, tmp_path):
+    if cache == "no-home":
+        monkeypatch.delenv("MINIMIND_CACHE")
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+        def no_home():
+            raise RuntimeError("Could not determine home directory.")
+
+        monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    else:
+        (tmp_path / "file").write_text("")
+        monkeypatch.setenv("MINIMIND_CACHE", str(tmp_path / "file" / "cache"))
+    assert_falls_back(make_checkpoint)
+
+
+@needs_native
+def test_compiler_with_arguments(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "cc -O2")
+    assert native.library() is not None and len(list(fresh_build.glob("kernels-*.so"))) == 1
 
 
 @needs_native

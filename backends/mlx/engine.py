@@ -14,7 +14,6 @@ default device, and a seeded sampler draws from its own key, never MLX's global 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -26,6 +25,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import make_logits_processors
 
+from minimind_core import paths
 from minimind_core.checkpoint import (
     TORCH_SUFFIXES,
     Checkpoint,
@@ -83,9 +83,9 @@ def resolve_dtype(dtype: str | mx.Dtype | None, device: mx.Device, file_dtype: s
 
 
 def cache_root() -> Path:
-    """Where ``.pth`` files converted on the fly are kept: ``$MINIMIND_CACHE/mlx`` or ``~/.cache/minimind-core/mlx``."""
-    base = os.environ.get("MINIMIND_CACHE") or Path.home() / ".cache" / "minimind-core"
-    return Path(base).expanduser() / "mlx"
+    """Where ``.pth`` files converted on the fly are kept: ``mlx/`` in minimind-core's cache
+    (``$MINIMIND_CACHE``, default ``~/.cache/minimind-core``)."""
+    return paths.cache_root() / "mlx"
 
 
 class MlxEngine(Engine):
@@ -251,7 +251,10 @@ def _load_pth_cached(path: Path, overrides: Mapping[str, Any]) -> tuple[Checkpoi
     """
     from converters.common import sha256_file
 
-    folder = cache_root() / sha256_file(path)
+    try:
+        folder = cache_root() / sha256_file(path)
+    except RuntimeError:  # no MINIMIND_CACHE and no home directory: convert, keep nothing
+        return load_checkpoint(path, **overrides), None
     if (folder / WEIGHTS_FILE).is_file():
         try:
             return _read_cache(folder, path, overrides), folder

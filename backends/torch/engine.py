@@ -78,7 +78,7 @@ class TorchEngine(Engine):
         # CPU float32: the small ops of a decode step run in C (backends/torch/native.py)
         cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
         self._native = native_lib.library() if native and cpu_fp32 and static is None else None
-        self.info["decode"] = static or ("native" if self._native else "eager")
+        self._weights_changed()
 
     @classmethod
     def load(cls, path: str | Path, *, device=None, dtype=None, tokenizer=None, lora=None,
@@ -136,8 +136,15 @@ class TorchEngine(Engine):
         """Apply (or with None remove) a LoRA adapter; implemented in backends.torch.lora."""
         from .lora import set_lora
 
-        set_lora(self, lora, merge=merge)
-        self._decoders.clear()  # a captured graph replays old kernels; LoRA decides native
+        set_lora(self, lora, merge=merge)  # calls _weights_changed while it holds the engine
+
+    def _weights_changed(self) -> None:
+        """Drop the steps built on the old weights (a captured graph replays old kernels; an
+        unmerged LoRA rules the native step out) and say which decode step now runs."""
+        self._decoders.clear()
+        use_native = self._native is not None and native_lib.supported(
+            self.model, self.device, self.dtype)
+        self.info["decode"] = self.static or ("native" if use_native else "eager")
 
     # ---- backend steps ------------------------------------------------------------------
     def _ensure_cache(self, batch: int, length: int) -> KVCache:

@@ -34,15 +34,18 @@ def set_lora(engine: TorchEngine, lora: str | Path | LoRA | None, merge: bool = 
         new = None if lora is None else load_lora(lora, engine.config)
         if new is not None and not merge:
             _check_unmerged(new)
-        _remove(engine)
-        if new is None:
-            return
-        if merge:
-            _merge(engine, new)
-        else:
-            _attach(engine, new)
-        engine.lora_path = str(new.path) if new.path is not None else "<in memory>"
-        engine.info["lora_merged"] = merge
+        try:
+            _remove(engine)
+            if new is None:
+                return
+            if merge:
+                _merge(engine, new)
+            else:
+                _attach(engine, new)
+            engine.lora_path = str(new.path) if new.path is not None else "<in memory>"
+            engine.info["lora_merged"] = merge
+        finally:  # still holding the engine: no generation can start on stale decode steps
+            engine._weights_changed()
 
 
 def _check_unmerged(lora: LoRA) -> None:

@@ -6,7 +6,8 @@ costs ~5 ms more. ``NativeDecoder`` keeps the products in torch (MKL, threaded, 
 preallocated buffers) and does everything between two products in one C call.
 
 ``kernels.c`` is compiled once per machine with the system C compiler (``$CC`` or ``cc``) into
-``$XDG_CACHE_HOME/minimind-core/`` (~0.3 s, no torch headers). Without a compiler, or with
+``native/`` of minimind-core's cache (``$MINIMIND_CACHE``, default ``~/.cache/minimind-core``;
+~0.4 s, no torch headers). Without a compiler, or with
 ``MINIMIND_NATIVE=0``, the engine keeps its plain torch decode step: same numbers, slower.
 """
 
@@ -17,14 +18,19 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from minimind_core import paths
 
 from .cache import KVCache
 from .model import MLP, MiniMindForCausalLM
@@ -32,6 +38,8 @@ from .model import MLP, MiniMindForCausalLM
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.c")
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
+_lock = threading.Lock()
+COMPILE_TIMEOUT = 60  # seconds; the file compiles in under one
 
 _p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
@@ -41,58 +49,74 @@ SIGNATURES = {
 }
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "minimind-core"
-
-
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, built on first use; None when disabled or no compiler works."""
     global _lib
-    if _lib is None:
-        _lib = _build() or False
+    with _lock:
+        if _lib is None:
+            _lib = _build() or False
     return _lib or None
 
 
 def _build() -> ctypes.CDLL | None:
     if os.environ.get("MINIMIND_NATIVE", "1").lower() in ("0", "false", "no", "off"):
         return None
-    cc = os.environ.get("CC") or "cc"
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + f"{cc}|{platform.machine()}|{sys.platform}".encode())
-    target = cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
-    if not target.exists():
-        if shutil.which(cc) is None:
-            log.info("no C compiler (%s): CPU decode uses plain torch ops", cc)
-            return None
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # compile beside the target, then rename: concurrent builds never see half a file
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            cmd = [cc, "-O3", "-fPIC", "-shared", "-o", tmp, str(SOURCE), "-lm"]
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            if done.returncode != 0:
-                os.unlink(tmp)
-                log.warning("compiling %s failed, CPU decode uses plain torch ops:\n%s",
-                            SOURCE.name, done.stderr.strip())
-                return None
-            os.replace(tmp, target)
-            for old in target.parent.glob("kernels-*.so"):  # builds of earlier sources
-                if old != target:
-                    old.unlink(missing_ok=True)
-        except (OSError, subprocess.SubprocessError) as e:
-            log.warning("could not build %s (%s); CPU decode uses plain torch ops", SOURCE.name, e)
-            return None
-    try:
-        lib = ctypes.CDLL(str(target))
-    except OSError as e:
-        log.warning("could not load %s (%s); CPU decode uses plain torch ops", target, e)
+    cc = shlex.split(os.environ.get("CC") or "cc")
+    if not cc or shutil.which(cc[0]) is None:
+        log.info("no C compiler (%s): CPU decode uses plain torch ops", " ".join(cc))
         return None
-    for name, args in SIGNATURES.items():
-        getattr(lib, name).argtypes = args
+    source = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    tool = hashlib.sha256(f"{cc}|{platform.machine()}|{sys.platform}".encode()).hexdigest()[:8]
+    try:
+        target = paths.cache_root() / "native" / f"kernels-{source}-{tool}.so"
+        failed = target.with_suffix(".failed")
+        if failed.exists():
+            log.info("CPU decode uses plain torch ops: building the kernels failed before (%s; "
+                     "delete it to try again)", failed)
+            return None
+        if not target.exists() and not _compile(cc, target, source):
+            return None
+        lib = ctypes.CDLL(str(target))
+        for name, args in SIGNATURES.items():
+            getattr(lib, name).argtypes = args
+    except (OSError, RuntimeError, AttributeError) as e:  # no home, unwritable cache, bad .so
+        log.warning("native CPU kernels unavailable (%s); CPU decode uses plain torch ops", e)
+        return None
     lib.attend.restype = _i
     return lib
+
+
+def _compile(cc: list[str], target: Path, source: str) -> bool:
+    """cc kernels.c -> target, atomically; a failure leaves ``<target>.failed`` with the reason,
+    so later processes do not wait for a broken compiler again."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    cmd = [*cc, "-O3", "-fPIC", "-shared", "-o", tmp, str(SOURCE), "-lm"]
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=hasattr(os, "killpg"))
+        try:
+            output = proc.communicate(timeout=COMPILE_TIMEOUT)[0]
+        except subprocess.TimeoutExpired:
+            if hasattr(os, "killpg"):  # the compiler's own children too
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
+            proc.communicate()
+            output = f"no result after {COMPILE_TIMEOUT} s"
+        if proc.returncode != 0 or output.startswith("no result"):
+            target.with_suffix(".failed").write_text(f"{shlex.join(cmd)}\n{output}")
+            log.warning("compiling %s failed, CPU decode uses plain torch ops:\n%s",
+                        SOURCE.name, output.strip())
+            return False
+        os.replace(tmp, target)  # concurrent builds never see half a file
+        for old in target.parent.glob("kernels-*"):  # builds of earlier sources
+            if not old.name.startswith(f"kernels-{source}-"):
+                old.unlink(missing_ok=True)
+        return True
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def supported(model: MiniMindForCausalLM, device: torch.device, dtype: torch.dtype) -> bool:
@@ -123,7 +147,7 @@ class NativeDecoder:
         self.eps, self.hidden = eps, hidden
 
         def buf(*shape: int) -> torch.Tensor:
-            return torch.empty(shape, dtype=torch.float32)
+            return torch.empty(shape, dtype=torch.float32, device="cpu")
 
         self.x, self.xn, self.delta = buf(b, hidden), buf(b, hidden), buf(b, hidden)
         self.qkv, self.att = buf(b, (h + 2 * kv) * d), buf(b, h * d)
