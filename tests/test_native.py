@@ -241,3 +241,23 @@ def test_step_refuses_what_would_write_out_of_bounds(make_checkpoint):
         step.step(np.array([5]), engine.cache.max_len)
     with pytest.raises(ValueError, match="2 tokens"):
         step.step(np.array([5, 6]), 3)
+
+
+@needs_native
+def test_long_batches_switch_to_torch_mid_generation(make_checkpoint, monkeypatch):
+    """Past NATIVE_MAX_ROW_KEYS a batch continues on the torch step, on the same cache."""
+    from backends.torch import engine as torch_engine
+
+    monkeypatch.setattr(torch_engine, "NATIVE_MAX_ROW_KEYS", len(PROMPTS) * 45)
+    path, _, _ = make_checkpoint("minimind3")
+    nat, ref = engines(path)
+    calls = []
+    real = native.NativeDecoder.step
+    monkeypatch.setattr(native.NativeDecoder, "step",
+                        lambda self, tokens, pos: calls.append(pos) or real(self, tokens, pos))
+    a = nat.generate_batch(PROMPTS, max_new_tokens=20)  # the longest prompt is 37 tokens
+    b = ref.generate_batch(PROMPTS, max_new_tokens=20)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert calls == list(range(37, 45))  # native until 4 rows x 45 keys, then torch
+    one = nat.generate(PROMPTS[1], max_new_tokens=20)  # a single row always runs native
+    assert one.token_ids == b[1].token_ids and calls[-1] == 37 + 18

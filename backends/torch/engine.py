@@ -22,6 +22,7 @@ from .sampling import on_device
 from .static import StaticDecoder, static_steps
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+NATIVE_MAX_ROW_KEYS = 4096  # batch x attended keys up to which the native CPU step runs
 CACHE_STEP = 256  # cache lengths are rounded up to this, so one cache serves many requests
 
 
@@ -184,7 +185,10 @@ class TorchEngine(Engine):
     def _decode(self, tokens: np.ndarray) -> torch.Tensor:
         cache = self.cache
         step = self._native_decoder()
-        if step is not None:
+        # the C attention is single-threaded: past a few thousand (row, key) pairs per step,
+        # torch's threaded batched matmuls win (measured: equal at 4 rows x 1024 keys)
+        if step is not None and (cache.batch == 1 or cache.batch * (cache.length + 1)
+                                 <= NATIVE_MAX_ROW_KEYS):
             logits = step.step(tokens, cache.length)
         else:
             ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=self.device)[:, None]
