@@ -143,9 +143,9 @@ class TorchEngine(Engine):
         """Drop the steps built on the old weights (a captured graph replays old kernels; an
         unmerged LoRA rules the native step out) and say which decode step now runs."""
         self._decoders.clear()
-        use_native = self._native is not None and native_lib.supported(
+        self._use_native = self._native is not None and native_lib.supported(
             self.model, self.device, self.dtype)
-        self.info["decode"] = self.static or ("native" if use_native else "eager")
+        self.info["decode"] = self.static or ("native" if self._use_native else "eager")
 
     # ---- backend steps ------------------------------------------------------------------
     def _ensure_cache(self, batch: int, length: int) -> KVCache:
@@ -173,12 +173,11 @@ class TorchEngine(Engine):
 
     def _native_decoder(self) -> native_lib.NativeDecoder | None:
         """The C-assisted CPU step for the current cache, when it covers this model's state."""
-        if self._native is None:
+        if not self._use_native:
             return None
         if "native" not in self._decoders:
-            ok = native_lib.supported(self.model, self.device, self.dtype)
-            self._decoders["native"] = native_lib.NativeDecoder(
-                self.model, self.cache, self._native) if ok else None
+            self._decoders["native"] = native_lib.NativeDecoder(self.model, self.cache,
+                                                                self._native)
         return self._decoders["native"]
 
     @torch.inference_mode()

@@ -7,8 +7,9 @@ preallocated buffers) and does everything between two products in one C call.
 
 ``kernels.c`` is compiled once per machine with the system C compiler (``$CC`` or ``cc``) into
 ``native/`` of minimind-core's cache (``$MINIMIND_CACHE``, default ``~/.cache/minimind-core``;
-~0.4 s, no torch headers). Without a compiler, or with
-``MINIMIND_NATIVE=0``, the engine keeps its plain torch decode step: same numbers, slower.
+~0.4 s, no torch headers). Without a working compiler or cache folder, with
+``MINIMIND_NATIVE=0`` or ``load(..., native=False)``, the engine keeps its plain torch decode
+step: same numbers, slower.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ SOURCE = Path(__file__).with_name("kernels.c")
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
 _lock = threading.Lock()
 COMPILE_TIMEOUT = 60  # seconds; the file compiles in under one
+MAX_HEAD_DIM = 1024  # kernels.c's MAX_HEAD_DIM: its per-head scratch arrays (attend refuses more)
 
 _p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
@@ -97,14 +99,14 @@ def _compile(cc: list[str], target: Path, source: str) -> bool:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=hasattr(os, "killpg"))
         try:
-            output = proc.communicate(timeout=COMPILE_TIMEOUT)[0]
+            output, timed_out = proc.communicate(timeout=COMPILE_TIMEOUT)[0], False
         except subprocess.TimeoutExpired:
             if hasattr(os, "killpg"):  # the compiler's own children too
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.kill()
             proc.communicate()
-            output = f"no result after {COMPILE_TIMEOUT} s"
-        if proc.returncode != 0 or output.startswith("no result"):
+            output, timed_out = f"no result after {COMPILE_TIMEOUT} s", True
+        if proc.returncode != 0 or timed_out:
             target.with_suffix(".failed").write_text(f"{shlex.join(cmd)}\n{output}")
             log.warning("compiling %s failed, CPU decode uses plain torch ops:\n%s",
                         SOURCE.name, output.strip())
@@ -121,7 +123,7 @@ def _compile(cc: list[str], target: Path, source: str) -> bool:
 
 def supported(model: MiniMindForCausalLM, device: torch.device, dtype: torch.dtype) -> bool:
     """Native decoding covers CPU float32 without an unmerged LoRA (merged is fine)."""
-    if device.type != "cpu" or dtype != torch.float32 or model.config.head_dim > 1024:
+    if device.type != "cpu" or dtype != torch.float32 or model.config.head_dim > MAX_HEAD_DIM:
         return False
     return not any(layer.self_attn.lora for layer in model.model.layers)
 
@@ -167,7 +169,8 @@ class NativeDecoder:
             self.layers.append((attn.wqkv.t(), attend, attn.o_proj.weight.t(),
                                 layer.post_attention_layernorm.weight.data_ptr(),
                                 mlp.w13.t() if dense else None,
-                                mlp.down_proj.weight.t() if dense else mlp, qk_w))
+                                mlp.down_proj.weight.t() if dense else mlp,
+                                qk_w))  # qk_w kept alive: attend holds its pointer
         norms = [layer.input_layernorm.weight for layer in model.model.layers]
         self.norms = [w.data_ptr() for w in norms[1:]] + [model.model.norm.weight.data_ptr()]
         self.first_norm = norms[0].data_ptr()
