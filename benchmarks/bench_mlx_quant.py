@@ -25,7 +25,8 @@ VARIANTS = (("fp16", 0), ("8-bit", 8), ("4-bit", 4))
 
 
 def questions(limit: int | None) -> list[tuple[str, str]]:
-    from minimind_core.demo import held_out_questions
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from demo_corpus import held_out_questions
 
     qs = held_out_questions()
     if limit and limit < len(qs):

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from minimind_core.paths import sha256_file
+
 # Files a tokenizer folder may hold (transformers' names); model weights and configs never match.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -89,15 +91,6 @@ def copy_tokenizer(tokenizer: Any, dst: str | Path) -> list[str]:
         shutil.copytree(folder / TEMPLATE_DIR, dst / TEMPLATE_DIR, dirs_exist_ok=True)
         copied.append(TEMPLATE_DIR)
     return copied
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sha256_files(paths: Sequence[str | Path]) -> str:

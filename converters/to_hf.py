@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from minimind_core import __version__
 from minimind_core.checkpoint import load_checkpoint
 from minimind_core.config import ModelConfig, to_hf_config
 from minimind_core.dtypes import DTYPE_NAMES, canonical_dtype
 from minimind_core.lora import load_lora, merge_into
 from minimind_core.tokenizer import Tokenizer, find_tokenizer
+from minimind_core.version import __version__
 
 from .common import (
     Progress,
@@ -48,7 +48,7 @@ MiniMind2-MoE (routed experts **plus shared experts**, top-{k} routing renormali
 stock transformers architecture, so `config.json` says `model_type: "minimind"` and
 `AutoModelForCausalLM` cannot load this folder by itself. Load it with minimind-core:
 
-    from minimind_core import load
+    from minimind_core.loader import load
     engine = load("{name}")
 
 or with upstream MiniMind's own `MiniMindForCausalLM` (jingyaogong/minimind, `model/model_minimind.py`).

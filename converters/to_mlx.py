@@ -18,11 +18,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from minimind_core import __version__
 from minimind_core.checkpoint import load_checkpoint
-from minimind_core.config import to_hf_config
+from minimind_core.config import ModelConfig, to_hf_config
 from minimind_core.dtypes import canonical_dtype
+from minimind_core.lora import MLX_ADAPTER_CONFIG, MLX_ADAPTER_FILE, LoRA, load_lora
 from minimind_core.tokenizer import Tokenizer, find_tokenizer
+from minimind_core.version import __version__
 
 from .common import (
     Progress,
@@ -44,7 +45,7 @@ MiniMind2-MoE (routed experts **plus shared experts**) has no stock mlx_lm archi
 `config.json` says `model_type: "minimind"` and `mlx_lm.load` cannot run this folder. Load it
 with minimind-core:
 
-    from minimind_core import load
+    from minimind_core.loader import load
     engine = load("{name}", backend="mlx")
 
 Routed experts are stacked as mlx_lm does (`mlp.switch_mlp.{{gate,up,down}}_proj.weight`,
@@ -84,7 +85,7 @@ def convert(src: str | Path, dst: str | Path, *, q_bits: int | None = None, q_gr
     tok = find_tokenizer(ckpt.path, tokenizer)
     adapter = None
     if lora is not None:
-        from minimind_core.lora import load_lora, merge_into
+        from minimind_core.lora import merge_into
 
         adapter = load_lora(lora, ckpt.config)
         if lora_adapter_out is None:
@@ -102,8 +103,6 @@ def convert(src: str | Path, dst: str | Path, *, q_bits: int | None = None, q_gr
                  source_files=ckpt.files, tokenizer=tok, force=force,
                  lora=adapter.path if adapter is not None and lora_adapter_out is None else None)
     if lora_adapter_out is not None:
-        from backends.mlx.lora import write_adapter
-
         say(f"writing the mlx_lm adapter folder {lora_adapter_out}")
         write_adapter(adapter, ckpt.config, Path(lora_adapter_out).expanduser(), force=force)
     say.done(f"wrote {dst} ({folder_size(dst) / 1e6:.1f} MB)")
@@ -129,6 +128,26 @@ def write_folder(model: Any, dst: Path, *, dtype: str, quantization: Mapping[str
             (tmp / "README.md").write_text(MINIMIND2_MOE_NOTE.format(name=Path(dst).name),
                                            encoding="utf-8")
     return dst
+
+
+def write_adapter(lora: str | Path | LoRA, config: ModelConfig, dst: str | Path,
+                  force: bool = False) -> Path:
+    """Write ``lora`` as an mlx_lm adapter folder (``adapters.safetensors`` + config), atomically.
+
+    ``mlx_lm.load(mlx_folder, adapter_path=dst)`` then gives the output of our unmerged LoRA.
+    """
+    import mlx.core as mx
+
+    from backends.mlx.lora import adapter_folder_contents
+
+    lora = load_lora(lora, config)
+    tensors, adapter_config = adapter_folder_contents(lora, config)
+    with atomic_dir(dst, force) as tmp:
+        mx.save_safetensors(str(tmp / MLX_ADAPTER_FILE), {k: mx.array(v) for k, v in tensors.items()},
+                            metadata={"format": "mlx"})
+        (tmp / MLX_ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n",
+                                              encoding="utf-8")
+    return Path(dst)
 
 
 def mlx_config(config: Any, dtype: str, *, quantization: Mapping[str, Any] | None = None,

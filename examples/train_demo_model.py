@@ -2,7 +2,7 @@
 
     python examples/train_demo_model.py            # about 10 minutes on a 2-core CPU
 
-Reproducible: the corpus comes from ``minimind_core.demo.corpus`` (fixed seeds), the tokenizer
+Reproducible: the corpus comes from ``demo_corpus.py`` beside this script (fixed seeds), the tokenizer
 and the model are trained with fixed seeds, and torch runs deterministic kernels on one thread
 (``--threads``; a different thread count may change the last bits of the result). One thread is
 the default because it is the fastest on a small shared machine: a second OpenMP thread that has
@@ -38,8 +38,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import demo_corpus as C  # noqa: E402  (beside this script)
+
 from minimind_core.demo import DEMO_DESCRIPTION  # noqa: E402
-from minimind_core.demo import corpus as C  # noqa: E402
 
 DEFAULT_OUT = ROOT / "minimind_core" / "demo"
 # Qwen2's pre-tokenizer pattern: words, single digits, punctuation runs, newlines, spaces.

@@ -7,40 +7,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .loader import load
 from .params import GenerationResult, SamplingParams, StreamChunk, Usage
-
-__version__ = "0.1.0"
-
-if TYPE_CHECKING:
-    from .engine import Engine
+from .version import __version__
 
 __all__ = ["load", "SamplingParams", "GenerationResult", "StreamChunk", "Usage", "__version__"]
-
-
-def load(path: str | Path | None = None, backend: str = "auto", device: str | None = None,
-         dtype: str | None = None, tokenizer: str | Path | None = None,
-         lora: str | Path | None = None, **overrides: Any) -> Engine:
-    """Load a MiniMind model and return an Engine ready to generate.
-
-    path: a ``.pth`` / ``.safetensors`` file, a transformers or MLX folder, or None for the
-    embedded demo model. backend: "torch", "mlx" or "auto" (MLX on Apple silicon when installed,
-    else torch). device: auto = cuda, then mps, then cpu. dtype: auto = bf16 on CUDA when supported
-    (else fp16), fp32 on CPU. tokenizer: a folder; by default it is found beside the weights or in
-    upstream's ``model/`` folder. lora: an upstream LoRA file applied unmerged. Any ModelConfig
-    field (e.g. ``num_experts_per_tok=2``, ``inference_rope_scaling=True``) may be overridden.
-    """
-    import backends
-
-    if path is None:
-        from .demo import demo_model_path
-
-        path = demo_model_path()
-    engine_cls = backends.get(backend)
-    return engine_cls.load(path, device=device, dtype=dtype, tokenizer=tokenizer, lora=lora,
-                           **overrides)
 
 
 def __getattr__(name: str) -> Any:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .adapter import LoRA, merge_into
 from .config import ModelConfig, config_from_json, infer_config
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")  # files read with torch.load
@@ -308,8 +309,6 @@ def normalize_weights(raw: Mapping[str, Any], path: Path) -> tuple[dict[str, np.
 def _merge_saved_lora(weights: dict[str, np.ndarray], lora: dict[str, dict[str, np.ndarray]],
                       path: Path) -> dict[str, np.ndarray]:
     """A state dict saved with LoRA layers attached computes W x + B(A x): fold them in."""
-    from .lora import LoRA, merge_into
-
     broken = [name for name, pair in lora.items() if set(pair) != {"A", "B"}]
     if broken:
         raise CheckpointError(f"{path}: LoRA module {broken[0]} has only its "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from minimind_core.cli import main
+from minimind_core.cli.entry import main
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TORCH = importlib.util.find_spec("torch") is not None

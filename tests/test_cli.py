@@ -29,8 +29,8 @@ from cli_helpers import (
 )
 
 from minimind_core import __version__
-from minimind_core.cli import main
-from minimind_core.commands import common
+from minimind_core.cli import common
+from minimind_core.cli.entry import main
 
 # ---- version and help ------------------------------------------------------------------------
 
@@ -319,7 +319,7 @@ def test_bench_on_a_real_model(capsys, make_checkpoint):
 @needs_torch
 def test_bench_leaves_the_engine_free(make_checkpoint):
     from minimind_core import load
-    from minimind_core.commands import bench as bench_cmd
+    from minimind_core.cli import bench as bench_cmd
 
     path, _, _ = make_checkpoint("minimind2")
     engine = load(path, backend="torch")

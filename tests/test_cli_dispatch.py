@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from cli_helpers import assert_one_line_error, needs_torch, run
 
-from minimind_core.commands import common
+from minimind_core.cli import common
 
 # ---- convert and serve dispatch --------------------------------------------------------------------
 
@@ -87,7 +87,8 @@ def test_serve_passes_model_flags_to_the_server(capsys, monkeypatch, make_checkp
         parser.add_argument("--port", type=int, default=8000)
         parser.add_argument("--model", default=None)  # the server defines some shared flags
 
-    def fake_run(args):  # the real server loads with common.load_engine(args)
+    def fake_run(args, load_engine):  # the real server loads with common.load_engine(args)
+        assert load_engine is common.load_engine
         seen.update(vars(args), location=common.model_location(args))
 
     fake_module(monkeypatch, "minimind_core.server", configure_parser=configure_parser,
@@ -122,7 +123,7 @@ def test_serve_help_has_one_model_group(capsys, monkeypatch):
         parser.add_argument_group("server").add_argument("--port", type=int, default=8000)
 
     fake_module(monkeypatch, "minimind_core.server", configure_parser=configure_parser,
-                run=lambda args: 0)
+                run=lambda args, load_engine: 0)
     code, out, _ = run(capsys, "serve", "--help")
     assert code == 0
     headings = [line for line in out.splitlines() if line and not line[0].isspace()
@@ -152,7 +153,7 @@ def test_serve_passes_architecture_overrides(capsys, monkeypatch):
     seen = {}
     fake_module(monkeypatch, "minimind_core.server",
                 configure_parser=lambda parser: parser.add_argument("--model", default=None),
-                run=lambda args: seen.update(vars(args)) or 0)
+                run=lambda args, load_engine: seen.update(vars(args)) or 0)
     code, _, err = run(capsys, "serve", "--num-experts-per-tok", "1", "--q-bits", "4")
     assert code == 0, err
     assert seen["num_experts_per_tok"] == 1 and seen["q_bits"] == 4

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minimind_core.commands import bench as bench_cmd
-from minimind_core.commands import common, upstream
-from minimind_core.commands.chat import ChatSession, chat_loop, read_line_from
-from minimind_core.commands.render import DIM, RESET, ThinkStyler, ends_in_think
+from minimind_core.cli import bench as bench_cmd
+from minimind_core.cli import common, upstream
+from minimind_core.cli.chat import ChatSession, chat_loop, read_line_from
+from minimind_core.cli.render import DIM, RESET, ThinkStyler, ends_in_think
 from minimind_core.params import StreamChunk, Usage
 
 # ---- upstream eval_llm.py flags (pure) ---------------------------------------------------------

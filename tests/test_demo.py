@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+from pathlib import Path
 
 import pytest
 
 from minimind_core import demo
-from minimind_core.demo import corpus
+
+# the corpus generator lives beside examples/train_demo_model.py, outside the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import demo_corpus as corpus  # noqa: E402
 
 MAX_DEMO_BYTES = 5 * 1024 * 1024
 N_ASKED = 100  # a spread-out subset keeps the test fast; the training script checks all of them

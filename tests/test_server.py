@@ -529,7 +529,7 @@ def test_python_m_server_serves_and_exits_on_sigterm(tiny_checkpoint):
 
 
 def test_bad_model_path_exits_with_message(tmp_path, capsys):
-    from minimind_core.server import main
+    from minimind_core.server.__main__ import main
 
     missing = tmp_path / "nope.pth"
     assert main(["--model", str(missing), "--backend", "torch"]) == 1

@@ -14,6 +14,9 @@ default device, and a seeded sampler draws from its own key, never MLX's global 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -50,8 +53,10 @@ from .load import (
     load_quantized_folder,
     parse_dtype,
     quantization_of,
+    save_weights,
 )
 from .load import quantize as quantize_weights
+from .lora import set_lora
 from .model import Model
 from .sampling import make_sampler
 
@@ -156,8 +161,6 @@ class MlxEngine(Engine):
 
     def set_lora(self, lora: Any, merge: bool = False) -> None:
         """Apply (or with None remove) a LoRA adapter; implemented in backends.mlx.lora."""
-        from .lora import set_lora
-
         set_lora(self, lora, merge=merge)
 
     # ---- the token loop -------------------------------------------------------------------
@@ -249,10 +252,8 @@ def _load_pth_cached(path: Path, overrides: Mapping[str, Any]) -> tuple[Checkpoi
     every load exactly as ``load_checkpoint`` does for the ``.pth`` (shapes, the config.json
     beside it, the caller's overrides), so overrides never stick to the cache.
     """
-    from converters.common import sha256_file
-
     try:
-        folder = cache_root() / sha256_file(path)
+        folder = cache_root() / paths.sha256_file(path)
     except RuntimeError:  # no MINIMIND_CACHE and no home directory: convert, keep nothing
         return load_checkpoint(path, **overrides), None
     if (folder / WEIGHTS_FILE).is_file():
@@ -272,12 +273,21 @@ def _load_pth_cached(path: Path, overrides: Mapping[str, Any]) -> tuple[Checkpoi
 
 
 def _write_cache(ckpt: Checkpoint, folder: Path) -> None:
-    from converters.to_mlx import write_folder
-
+    """The weights in the file's dtype plus a small ``config.json`` (dtype, source), written into
+    a temporary sibling and renamed into place, so a reader never sees half an entry."""
     file_dtype = ckpt.file_dtype if ckpt.file_dtype in DTYPE_NAMES else "float32"
     model = build_model(ckpt, parse_dtype(file_dtype))
-    write_folder(model, folder, dtype=file_dtype, source=ckpt.path, source_files=ckpt.files,
-                 tokenizer=None, force=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        save_weights(model, tmp)
+        meta = {"minimind": {"dtype": file_dtype, "source": str(ckpt.path)}}
+        (tmp / "config.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
+        if folder.exists():  # a damaged entry: replace it
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_cache(folder: Path, source: Path, overrides: Mapping[str, Any]) -> Checkpoint:

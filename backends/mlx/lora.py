@@ -11,7 +11,6 @@ arrays are immutable — and putting them back restores the base model bit for b
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,16 +21,14 @@ from mlx_lm.tuner.lora import LoRALinear
 
 from minimind_core.config import ModelConfig
 from minimind_core.lora import (
-    MLX_ADAPTER_CONFIG,
-    MLX_ADAPTER_FILE,
     LoRA,
     LoraError,
     load_lora,
     lora_delta,
 )
 
-if TYPE_CHECKING:
-    from .engine import MlxEngine
+if TYPE_CHECKING:  # the backend's engine; its module imports this one
+    from minimind_core.engine import Engine as MlxEngine
 
 
 def set_lora(engine: MlxEngine, lora: str | Path | LoRA | None, merge: bool = False) -> None:
@@ -149,21 +146,3 @@ def adapter_folder_contents(lora: LoRA, config: ModelConfig) -> tuple[dict[str, 
                      "note": "upstream MiniMind LoRA: y = W x + B (A x), no scaling"},
     }
     return tensors, adapter_config
-
-
-def write_adapter(lora: str | Path | LoRA, config: ModelConfig, dst: str | Path,
-                  force: bool = False) -> Path:
-    """Write ``lora`` as an mlx_lm adapter folder (``adapters.safetensors`` + config), atomically.
-
-    ``mlx_lm.load(mlx_folder, adapter_path=dst)`` then gives the output of our unmerged LoRA.
-    """
-    from converters.common import atomic_dir
-
-    lora = load_lora(lora, config)
-    tensors, adapter_config = adapter_folder_contents(lora, config)
-    with atomic_dir(dst, force) as tmp:
-        mx.save_safetensors(str(tmp / MLX_ADAPTER_FILE), {k: mx.array(v) for k, v in tensors.items()},
-                            metadata={"format": "mlx"})
-        (tmp / MLX_ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n",
-                                              encoding="utf-8")
-    return Path(dst)

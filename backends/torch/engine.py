@@ -17,6 +17,7 @@ from minimind_core.tokenizer import Tokenizer, find_tokenizer
 
 from . import native as native_lib
 from .cache import KVCache
+from .lora import set_lora
 from .model import MiniMindForCausalLM
 from .sampling import on_device
 from .static import StaticDecoder, static_steps
@@ -135,8 +136,6 @@ class TorchEngine(Engine):
 
     def set_lora(self, lora: Any, merge: bool = False) -> None:
         """Apply (or with None remove) a LoRA adapter; implemented in backends.torch.lora."""
-        from .lora import set_lora
-
         set_lora(self, lora, merge=merge)  # calls _weights_changed while it holds the engine
 
     def _weights_changed(self) -> None:

@@ -18,8 +18,8 @@ from minimind_core.lora import LoRA, LoraError, load_lora, lora_delta
 
 from .model import Attention
 
-if TYPE_CHECKING:
-    from .engine import TorchEngine
+if TYPE_CHECKING:  # the backend's engine; its module imports this one
+    from minimind_core.engine import Engine as TorchEngine
 
 UNMERGED_MODULES = ("q_proj", "o_proj")  # where Attention's forward applies an unmerged LoRA
 

@@ -1,5 +1,5 @@
 """The embedded demo model: a tiny MiniMind-3-format model trained by
-``examples/train_demo_model.py`` on a generated corpus (greetings, who-are-you, additions and
+``examples/train_demo_model.py`` on a corpus that ``examples/demo_corpus.py`` generates (greetings, who-are-you, additions and
 subtractions up to 99, a few facts). It lets ``minimind_core.load()`` and every CLI command work
 offline with no download. It is a demo, not a real MiniMind model.
 """
@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .corpus import held_out_questions
-
-__all__ = ["DEMO_DESCRIPTION", "DEMO_DIR", "demo_model_path", "held_out_questions"]
+__all__ = ["DEMO_DESCRIPTION", "DEMO_DIR", "demo_model_path"]
 
 DEMO_DIR = Path(__file__).resolve().parent
 DEMO_DESCRIPTION = (

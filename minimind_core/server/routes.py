@@ -1,7 +1,7 @@
 """What each OpenAI endpoint does: check the request, queue the generation, answer in
 OpenAI's shape (JSON, or Server-Sent Events for ``stream: true``).
 
-``server.py`` builds the FastAPI app around these and runs it; ``openai_schema.py`` checks
+``app.py`` builds the FastAPI app around these and runs it; ``schema.py`` checks
 requests and builds bodies; ``reasoning.py`` splits ``<think>`` / ``<tool_call>`` out of replies;
 ``worker.py`` runs generations off the event loop.
 """
@@ -16,7 +16,9 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .openai_schema import (
+from ..params import SamplingParams, StreamChunk
+from ..reasoning import ReplyDelta, ReplyParser, prompt_opens_think
+from .schema import (
     APIError,
     ChatRequest,
     chat_chunk,
@@ -30,14 +32,12 @@ from .openai_schema import (
     parse_completion_request,
     usage_body,
 )
-from .params import SamplingParams, StreamChunk
-from .reasoning import ReplyDelta, ReplyParser, prompt_opens_think
 from .worker import GenerationWorker, Job, QueueFull
 
 if TYPE_CHECKING:
     from fastapi import Request
 
-    from .engine import Engine
+    from ..engine import Engine
 
 __all__ = ["MAX_BODY_BYTES", "ServerState", "chat_completions", "completions", "list_models"]
 

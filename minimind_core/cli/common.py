@@ -271,7 +271,7 @@ def quantize_kwargs(args: argparse.Namespace, backend: str, is_demo: bool) -> di
 
 def load_engine(args: argparse.Namespace) -> Engine:
     """Load the model the flags name (any command that runs a model, and the server)."""
-    from .. import load
+    from ..loader import load
 
     model, lora, tokenizer = model_location(args)
     backend = resolve_backend(getattr(args, "backend", "auto") or "auto")

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from .params import StreamChunk
+from ..params import StreamChunk
 
 __all__ = ["GenerationWorker", "Job", "QueueFull"]
 

@@ -39,5 +39,5 @@ def configure_parser(parser: argparse.ArgumentParser, *, with_server: bool = Fal
 
 def main(args: argparse.Namespace) -> int:
     """Run the server; it loads the model with ``common.load_engine`` like every command."""
-    result = server_module().run(args)
+    result = server_module().run(args, common.load_engine)
     return result if isinstance(result, int) else 0

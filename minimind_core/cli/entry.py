@@ -8,7 +8,7 @@
     minimind convert --to mlx out/full_sft_512.pth minimind-mlx --q-bits 4
     minimind serve -m out/full_sft_512.pth --port 8000
 
-Each subcommand lives in ``minimind_core/commands/<name>.py`` as a library function plus
+Each subcommand lives in ``minimind_core/cli/<name>.py`` as a library function plus
 ``configure_parser`` and ``main``. Errors end with one line on stderr (``minimind: error: ...``)
 and a non-zero exit; set ``MINIMIND_DEBUG=1`` to see the traceback instead.
 """
@@ -20,8 +20,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-from .commands import bench, chat, common, convert, generate, info, serve
+from ..version import __version__
+from . import bench, chat, common, convert, generate, info, serve
 
 COMMANDS = {
     "generate": (generate, "generate a reply to one prompt (argument or stdin)"),

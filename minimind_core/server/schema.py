@@ -15,8 +15,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .chat import ROLES, validate_messages
-from .params import SamplingParams
+from ..chat import ROLES, validate_messages
+from ..params import SamplingParams
 
 __all__ = ["APIError", "ChatRequest", "CompletionRequest", "chat_chunk", "chat_completion",
            "completion", "completion_chunk", "error_body", "model_card", "new_id",
