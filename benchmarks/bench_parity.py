@@ -24,7 +24,7 @@ N_TOKENS = 24
 def greedy(engine, ids: list[int]) -> list[int]:
     from minimind_core.params import SamplingParams
 
-    steps = engine._steps([ids], SamplingParams(max_new_tokens=N_TOKENS))
+    steps = engine.iter_tokens([ids], SamplingParams(max_new_tokens=N_TOKENS))
     tokens = [int(next(steps)[0]) for _ in range(N_TOKENS)]
     steps.close()
     return tokens

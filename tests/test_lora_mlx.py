@@ -134,7 +134,7 @@ def test_adapter_folder_round_trip_through_stock_mlx_lm(kind, make_checkpoint, t
     from mlx_lm.generate import generate_step
 
     stock_tokens = [int(t) for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=10)]
-    steps = ours._steps([PROMPT], SamplingParams(max_new_tokens=10, temperature=0))
+    steps = ours.iter_tokens([PROMPT], SamplingParams(max_new_tokens=10, temperature=0))
     assert [int(next(steps)[0]) for _ in range(10)] == stock_tokens  # eos ignored on both sides
     steps.close()
     # and the folder reads back as a LoRA in minimind-core (torch backend included)
