@@ -102,7 +102,7 @@ class MlxEngine(Engine):
     @classmethod
     def load(cls, path: str | Path, *, device=None, dtype=None, tokenizer=None, lora=None,
              merge_lora: bool = False, quantize: int | None = None, q_group_size: int = 64,
-             **overrides: Any) -> MlxEngine:
+             decode: str = "auto", **overrides: Any) -> MlxEngine:
         """Load an MLX folder (quantized or not), a transformers folder, a ``.safetensors`` file or
         a ``.pth`` file (converted once into a cache folder keyed by its sha256).
 
@@ -110,8 +110,12 @@ class MlxEngine(Engine):
         bfloat16; auto = fp32 on the CPU, fp16 on the GPU (bf16 for bf16 files); a quantized
         folder keeps its own dtype on the GPU and computes in fp32 on the CPU (much faster
         there). quantize: 4 or 8 bits (None/0 = full precision), ``q_group_size`` 32/64/128.
-        Any ModelConfig field may be overridden.
+        decode: "auto" or "eager" (MLX has one decode-step implementation, its own ops). Any
+        ModelConfig field may be overridden.
         """
+        if decode not in ("auto", "eager"):
+            raise ValueError(f"decode={decode!r} is a torch backend implementation; the mlx "
+                             f"backend runs decode='eager' (or 'auto')")
         dev = resolve_device(device)
         bits = check_quantization(quantize, q_group_size)
         if dtype not in (None, "auto"):
@@ -144,7 +148,8 @@ class MlxEngine(Engine):
         # the norms stay floating point in a quantized model, so they tell the compute dtype
         info.update({"device": "gpu" if dev == mx.gpu else "cpu",
                      "dtype": dtype_name(model.model.norm.weight.dtype),
-                     "quantization": quantization_of(model), "tokenizer": str(tok.path)})
+                     "quantization": quantization_of(model), "tokenizer": str(tok.path),
+                     "decode": "eager"})
         name = path.stem if path.is_file() else path.name
         engine = cls(model, tok, device=dev, name=name or "minimind", info=info)
         if lora is not None:
