@@ -160,8 +160,6 @@ def bench_transformers(shape: str, a: argparse.Namespace) -> dict:
     from converters.to_hf import convert
 
     config = config_for(shape)
-    if config.kind == "minimind2-moe":
-        return {"skipped": "no stock transformers class for MiniMind2-MoE"}
     folder = convert(write_weights(shape), Path(tempfile.mkdtemp()) / "hf",
                      tokenizer=tokenizer_dir(), progress=False)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[a.dtype]

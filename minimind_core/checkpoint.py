@@ -21,6 +21,7 @@ import numpy as np
 
 from .adapter import LoRA, merge_into
 from .config import ModelConfig, config_from_json, infer_config
+from .granite import from_granite
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")  # files read with torch.load
 WEIGHT_SUFFIXES = TORCH_SUFFIXES + (".safetensors",)
@@ -59,6 +60,7 @@ def load_checkpoint(path: str | Path, **overrides: Any) -> Checkpoint:
     path = Path(path).expanduser()
     raw, files, source_config = read_raw(path)
     weights, file_dtype = normalize_weights(raw, path)
+    weights = from_granite(weights, source_config, path)  # MiniMind2-MoE as GraniteMoeShared
     hints = config_from_json(source_config) if source_config else {}
     shapes = {k: tuple(v.shape) for k, v in weights.items()}
     config = infer_config(shapes, hints=hints, overrides=overrides)

@@ -344,11 +344,9 @@ def hf_model_type(config: ModelConfig) -> str:
             "minimind2-moe": "minimind"}[config.kind]
 
 
-def to_hf_config(config: ModelConfig) -> dict[str, Any]:
-    """A transformers-style config.json dict (Llama / Qwen3 / Qwen3-MoE / upstream minimind)."""
-    model_type = hf_model_type(config)
-    out: dict[str, Any] = {
-        "model_type": model_type,
+def hf_common_fields(config: ModelConfig) -> dict[str, Any]:
+    """The config.json fields every exported architecture shares (sizes, eps, theta, ids)."""
+    return {
         "hidden_size": config.hidden_size,
         "num_hidden_layers": config.num_hidden_layers,
         "num_attention_heads": config.num_attention_heads,
@@ -367,6 +365,12 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
         "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id,
     }
+
+
+def to_hf_config(config: ModelConfig) -> dict[str, Any]:
+    """A transformers-style config.json dict (Llama / Qwen3 / Qwen3-MoE / upstream minimind)."""
+    model_type = hf_model_type(config)
+    out: dict[str, Any] = {"model_type": model_type, **hf_common_fields(config)}
     if model_type == "llama":
         out["architectures"] = ["LlamaForCausalLM"]
     elif model_type == "qwen3":
