@@ -44,7 +44,7 @@ def stock_logits(model, ids=PROMPT):
 def our_greedy(engine, ids, n=N_TOKENS):
     from minimind_core.params import SamplingParams
 
-    steps = engine._steps([ids], SamplingParams(max_new_tokens=n, temperature=0.0))
+    steps = engine.iter_tokens([ids], SamplingParams(max_new_tokens=n, temperature=0.0))
     tokens = [int(next(steps)[0]) for _ in range(n)]
     steps.close()
     return tokens
