@@ -5,9 +5,11 @@ skip comes from that one fixture."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from conftest import shared_folder_mentions
+import pytest
+from conftest import RealTokenizers, build_tokenizer, shared_folder_mentions
 
 TESTS = Path(__file__).resolve().parent
 CONFTEST = TESTS / "conftest.py"
@@ -37,3 +39,19 @@ def test_the_check_lets_the_word_pass_in_other_senses():
             "# ---- shared flags (pure) ----\nROOT = Path(__file__).resolve().parents[1]\n"
             "assert str(base.parents[2] / 'model') not in msg\n")
     assert shared_folder_mentions(text) == []
+
+
+def test_the_fixture_skips_without_the_folder_and_copies_with_it(tmp_path):
+    tokenizers = RealTokenizers(tmp_path / "absent")
+    with pytest.raises(pytest.skip.Exception, match="'minimind3' not available at .*absent"):
+        tokenizers("minimind3")
+    # with a folder in place (here a tiny trained tokenizer standing in for upstream's)
+    build_tokenizer(tmp_path / "present" / "minimind3")
+    tokenizers = RealTokenizers(tmp_path / "present")
+    assert tokenizers("minimind3") == tmp_path / "present" / "minimind3"
+    copy = tokenizers.copy(tmp_path / "copy", eos_token="<x>", chat_template=None)
+    config = json.loads((copy / "tokenizer_config.json").read_text("utf-8"))
+    assert config["eos_token"] == "<x>" and "chat_template" not in config
+    assert config["bos_token"] == "<|im_start|>"
+    assert (copy / "tokenizer.json").read_bytes() == (
+        tmp_path / "present" / "minimind3" / "tokenizer.json").read_bytes()
