@@ -50,9 +50,9 @@ def our_greedy(engine, ids, n=N_TOKENS):
     return tokens
 
 
-@pytest.mark.parametrize("shared", [1, 2])
-def test_granite_export_matches_ours_and_upstream(shared, make_checkpoint, tmp_path):
-    path, config, weights = make_checkpoint("minimind2-moe", n_shared_experts=shared)
+@pytest.mark.parametrize("n_shared", [1, 2])
+def test_granite_export_matches_ours_and_upstream(n_shared, make_checkpoint, tmp_path):
+    path, config, weights = make_checkpoint("minimind2-moe", n_shared_experts=n_shared)
     dst = to_hf.convert(path, tmp_path / "hf", progress=False)
     model = stock(dst)
     assert type(model).__name__ == "GraniteMoeSharedForCausalLM"
@@ -62,17 +62,17 @@ def test_granite_export_matches_ours_and_upstream(shared, make_checkpoint, tmp_p
     assert tuple(layer.block_sparse_moe.experts.gate_up_proj.shape) == (E, 2 * ff, h)
     assert tuple(layer.block_sparse_moe.experts.down_proj.shape) == (E, h, ff)
     assert tuple(layer.block_sparse_moe.router.weight.shape) == (E, h)
-    assert tuple(layer.shared_mlp.input_linear.weight.shape) == (2 * shared * ff, h)
+    assert tuple(layer.shared_mlp.input_linear.weight.shape) == (2 * n_shared * ff, h)
     assert model.config.rope_parameters["rope_theta"] == config.rope_theta
     assert model.config.tie_word_embeddings
-    # stacking by hand: expert 3 of layer 1 is [gate; up], shared experts' gates come first
+    # stacking by hand: expert 3 of layer 1 is [gate; up], n_shared experts' gates come first
     p = "model.layers.1.mlp."
     gate_up = layer_of(model, 1).block_sparse_moe.experts.gate_up_proj[3].detach().numpy()
     np.testing.assert_array_equal(gate_up, np.concatenate(
         [weights[p + "experts.3.gate_proj.weight"], weights[p + "experts.3.up_proj.weight"]]))
     shared_in = layer_of(model, 1).shared_mlp.input_linear.weight.detach().numpy()
-    np.testing.assert_array_equal(shared_in[ff * (shared - 1): ff * shared],
-                                  weights[p + f"shared_experts.{shared - 1}.gate_proj.weight"])
+    np.testing.assert_array_equal(shared_in[ff * (n_shared - 1): ff * n_shared],
+                                  weights[p + f"shared_experts.{n_shared - 1}.gate_proj.weight"])
 
     engine = ours(path)
     expected = engine.logits(PROMPT)
@@ -83,7 +83,7 @@ def test_granite_export_matches_ours_and_upstream(shared, make_checkpoint, tmp_p
     assert hf_greedy(model, PROMPT, N_TOKENS) == our_greedy(engine, PROMPT)
     # round trip: our reader splits the Granite layout back, bit for bit
     back = ours(dst)
-    assert back.config.n_shared_experts == shared and back.config.num_experts_per_tok == 2
+    assert back.config.n_shared_experts == n_shared and back.config.num_experts_per_tok == 2
     np.testing.assert_array_equal(back.logits(PROMPT), expected)
 
 
