@@ -12,9 +12,7 @@ and on top of it formatting, stop handling, UTF-8-safe streaming, usage and timi
 from __future__ import annotations
 
 import contextlib
-import itertools
 import threading
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,10 +22,10 @@ import numpy as np
 
 from .chat import ChatFormatter
 from .config import ModelConfig
-from .params import GenerationResult, SamplingParams, StreamChunk, Usage
+from .outputs import RequestOutput
+from .params import GenerationResult, SamplingParams, StreamChunk
 from .sampling import new_seed
 from .sampling import sample as sample_rows
-from .textstream import TextAssembler
 from .tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -53,59 +51,105 @@ class Row:
     seed: int
     history: list[int]  # prompt + drawn ids (the repetition penalty reads it)
     prompt_tokens: int
+    ids: list[int] = field(default_factory=list, repr=False)  # the ids whose keys are cached
+    todo: list[int] = field(default_factory=list, repr=False)  # prompt ids not prefilled yet
+    cached_tokens: int = 0  # prompt ids whose keys came from the prefix cache
     drawn: int = 0  # tokens drawn so far: the index of the next uniform
     pending: int | None = None  # the last drawn token, fed at the next step
     logits: Any = field(default=None, repr=False)  # next-token logits (a backend array [vocab])
 
 
 class TokenLoop:
-    """The one token loop. ``add`` prefills a prompt into a free slot; ``step`` feeds every row's
-    last token through one decode step and draws the next one per row; ``remove`` frees a row.
+    """The one token loop. ``add`` puts a prompt into a free slot (prefilled at once, or chunk by
+    chunk in the following steps); ``step`` prefills what is due, feeds every running row's last
+    token through one decode step and draws the next one per ready row; ``remove`` frees a row.
     Rows may be added and removed between any two steps without touching the others.
+
+    ``prefix_cache``: how many finished rows' slots to keep as reusable prefixes (0 = off); a new
+    prompt then prefills only what follows the longest cached prefix. ``chunk``: the most prompt
+    tokens prefilled per step (None = a whole prompt at ``add``), so long prompts do not stall
+    the running rows.
     """
 
-    def __init__(self, engine: Engine, slots: int, max_len: int) -> None:
+    def __init__(self, engine: Engine, slots: int, max_len: int, *, prefix_cache: int = 0,
+                 chunk: int | None = None) -> None:
         self.engine = engine
         self.cache = engine._cache_for(slots, max_len)
         self.rows: list[Row] = []
+        self.prefix_cache, self.chunk = prefix_cache, chunk
 
-    def add(self, ids: list[int], params: SamplingParams, seed: int | None = None) -> Row:
-        """Prefill ``ids`` into a free slot; the row's first token comes with the next ``step``."""
-        slot = self.cache.alloc()
-        try:
-            logits = self.engine._prefill(self.cache, slot, ids)
-        except BaseException:
-            self.cache.free(slot)
-            raise
-        row = Row(slot, params, new_seed() if seed is None else int(seed), list(ids), len(ids))
-        row.logits = logits
+    def has_room(self) -> bool:
+        """Whether ``add`` would find a slot (an empty one, or a cached prefix to evict)."""
+        return not self.cache.used.all()
+
+    def add(self, ids: list[int], params: SamplingParams, seed: int | None = None,
+            reserve: int = 0) -> Row:
+        """Put ``ids`` into a slot with room for ``reserve`` more positions; the row's first
+        token comes with a later ``step``."""
+        self._grow(len(ids) + reserve)
+        slot, n = self.cache.match(ids) if self.prefix_cache else (None, 0)
+        n = min(n, len(ids) - 1)  # the last prompt token is always prefilled: it gives the logits
+        if slot is not None and n > 0:
+            self.cache.take(slot, n)
+        else:
+            slot, n = self.cache.alloc(), 0
+        row = Row(slot, params, new_seed() if seed is None else int(seed), list(ids), len(ids),
+                  ids=list(ids[:n]), todo=list(ids[n:]), cached_tokens=n)
         self.rows.append(row)
+        if self.chunk is None:
+            try:
+                self._prefill(row, len(row.todo))
+            except BaseException:
+                self.remove(row)
+                raise
         return row
 
+    def _grow(self, length: int) -> None:
+        if length > self.cache.max_len:
+            self.cache = self.engine._grow_cache(self.cache, length)
+
+    def _prefill(self, row: Row, n: int) -> None:
+        part, row.todo = row.todo[:n], row.todo[n:]
+        logits = self.engine._prefill(self.cache, row.slot, part)
+        row.ids += part
+        if not row.todo:
+            row.logits = logits
+
     def remove(self, row: Row) -> None:
-        """Take a finished or cancelled row out; its slot is free for the next ``add``."""
+        """Take a finished or cancelled row out; its slot is free for the next ``add`` (kept as a
+        reusable prefix when the prefix cache is on)."""
         self.rows.remove(row)
-        self.cache.free(row.slot)
+        self.cache.free(row.slot, keep=row.ids if not row.todo else None,
+                        max_cached=self.prefix_cache)
 
     def step(self) -> list[tuple[Row, int]]:
-        """Feed each row's pending token (one decode step), then draw one token per row."""
+        """Prefill what is due, feed each row's pending token (one decode step), then draw one
+        token per row whose prompt is in."""
         engine = self.engine
+        budget = self.chunk
+        for row in [r for r in self.rows if r.todo]:
+            if budget is not None and budget <= 0:
+                break
+            n = len(row.todo) if budget is None else min(budget, len(row.todo))
+            self._prefill(row, n)
+            if budget is not None:
+                budget -= n
         fed = [r for r in self.rows if r.pending is not None]
         if fed:
             slots = np.array([r.slot for r in fed], dtype=np.int64)
             tokens = np.array([r.pending for r in fed], dtype=np.int64)
             out = engine._decode_step(self.cache, slots, tokens)
-            if len(fed) == len(self.rows):
-                logits = out
-            else:
-                for i, r in enumerate(fed):
-                    r.logits = out[i]
-                logits = engine._stack([r.logits for r in self.rows])
-        else:
-            logits = engine._stack([r.logits for r in self.rows])
-        drawn = engine._sample(logits, self.rows)
+            for i, r in enumerate(fed):
+                r.logits = out[i]
+                r.ids.append(r.pending)
+        ready = [r for r in self.rows if r.logits is not None]
+        if not ready:
+            return []
+        logits = out if fed and len(fed) == len(ready) == len(self.rows) else engine._stack(
+            [r.logits for r in ready])
+        drawn = engine._sample(logits, ready)
         out_rows = []
-        for r, token in zip(self.rows, drawn):
+        for r, token in zip(ready, drawn):
             token = int(token)
             r.pending, r.drawn, r.logits = token, r.drawn + 1, None
             if r.params.repetition_penalty != 1.0:
@@ -147,6 +191,21 @@ class Engine(ABC):
     @abstractmethod
     def _decode_step(self, cache: Any, slots: np.ndarray, tokens: np.ndarray) -> Any:
         """Feed ``tokens[i]`` at the current length of ``slots[i]``; return logits [rows, vocab]."""
+
+    def _grow_cache(self, cache: Any, max_len: int) -> Any:
+        """A longer cache holding everything ``cache`` holds (rows keep running in it)."""
+        length = min(-(-max_len // CACHE_STEP) * CACHE_STEP, self.config.max_position_embeddings)
+        if max_len > length:
+            raise ValueError(f"{max_len} positions do not fit the context window of {length}")
+        new = self._new_cache(cache.slots, length)
+        self._copy_cache(cache, new)
+        new.lengths[:], new.used[:], new.cached = cache.lengths, cache.used, cache.cached
+        self._cache = new
+        return new
+
+    def _copy_cache(self, src: Any, dst: Any) -> None:
+        """Copy every slot's keys and values of ``src`` into the (longer) ``dst``."""
+        raise NotImplementedError(f"the {self.backend} backend cannot grow a running cache")
 
     @abstractmethod
     def _logits(self, ids: list[int]) -> np.ndarray:
@@ -320,48 +379,26 @@ class Engine(ABC):
 
     def _stream_rows_checked(self, rows: list[list[int]], params: SamplingParams,
                              seeds: list[int | None], budget: int) -> Iterator[StreamChunk]:
-        stops = self.tokenizer.stop_token_ids
-        asm = [TextAssembler(self.tokenizer, params.stop) for _ in rows]
-        done: list[str | None] = [None] * len(rows)  # finish_reason per row
-        first: list[float | None] = [None] * len(rows)
-        last = [0.0] * len(rows)
-        t0 = time.perf_counter()
+        outs = [RequestOutput(self.tokenizer, params, len(ids), budget, i)
+                for i, ids in enumerate(rows)]
         with self.exclusive():
             loop = TokenLoop(self, len(rows), max(map(len, rows)) + budget) if budget else None
             try:
                 index = {id(loop.add(ids, params, seed)): i
                          for i, (ids, seed) in enumerate(zip(rows, seeds))} if loop else {}
-                for n in itertools.count(1) if loop else ():
-                    drawn = loop.step()
-                    now = time.perf_counter()
-                    for row, token in drawn:
-                        i = index[id(row)]
-                        first[i] = first[i] or now
-                        last[i] = now
-                        if token in stops:
-                            asm[i].ids.append(token)
-                            done[i] = "stop"
-                        else:
-                            delta = asm[i].add(token)
-                            if asm[i].stopped:
-                                done[i] = "stop"
-                            if delta:
-                                yield StreamChunk(delta, token, index=i)
-                        if done[i] or n >= budget:
+                while loop is not None and loop.rows:
+                    for row, token in loop.step():
+                        out = outs[index[id(row)]]
+                        chunk = out.add(token)
+                        if chunk is not None:
+                            yield chunk
+                        if out.done:
                             loop.remove(row)  # leaves the batch: no more decode work for it
-                    if not loop.rows:
-                        break
             finally:
                 if loop is not None:
                     loop.close()
-        for i, a in enumerate(asm):
-            tail = a.finish()
-            n_out = len(a.ids)
-            ttft = (first[i] - t0) if first[i] else 0.0
-            tps = (n_out - 1) / (last[i] - first[i]) if n_out > 1 and last[i] > first[i] else 0.0
-            yield StreamChunk(tail, None, index=i, finish_reason=done[i] or "length",
-                              usage=Usage(len(rows[i]), n_out), time_to_first_token=ttft,
-                              tokens_per_second=tps, token_ids=list(a.ids))
+        for out in outs:
+            yield out.final()
 
     def _collect(self, chunks: Iterator[StreamChunk], n: int) -> list[GenerationResult]:
         results = [GenerationResult(text="") for _ in range(n)]

@@ -275,3 +275,37 @@ def test_device_sampler_draws_what_the_host_sampler_draws(params):
         got = device.sample(torch.from_numpy(logits), rows)
         want = host.sample(logits, params, histories, seeds, [step] * len(seeds))
         np.testing.assert_array_equal(got, want)
+
+
+def test_prefix_cache_chunked_prefill_and_growth_keep_every_row(model):
+    """The loop the server's scheduler runs: prefix reuse, prompts prefilled in chunks while
+    other rows decode, and a cache that grows under running rows — each row's tokens as alone."""
+    path, _, _ = model
+    for backend in ("torch", "mlx"):
+        if backend == "mlx":
+            pytest.importorskip("mlx.core")
+        engine = load(path, backend=backend, device="cpu", dtype="float32")
+        p, pp = prompt_pair(engine)
+        params = SamplingParams(max_new_tokens=12, **SAMPLED)
+        turn2 = pp + p[:4]  # shares pp with the first request
+        long = (pp * 40)[:300]  # longer than the first cache: it must grow
+        want = {k: [int(t[0]) for t in engine.iter_tokens([ids], params, seed=3)]
+                for k, ids in (("first", pp), ("turn2", turn2), ("long", long))}
+        with engine.exclusive():
+            loop = TokenLoop(engine, 2, 64, prefix_cache=4, chunk=16)
+            assert loop.cache.max_len == 256
+            got = {k: [] for k in want}
+            rows = {"first": loop.add(pp, params, 3, reserve=12)}
+            while loop.rows:
+                for row, token in loop.step():
+                    name = next(k for k, r in rows.items() if r is row)
+                    got[name].append(token)
+                    if len(got[name]) == 12:
+                        loop.remove(row)
+                        if name == "first":  # its slot keeps pp + 11 fed tokens
+                            rows["turn2"] = loop.add(turn2, params, 3, reserve=12)
+                            assert rows["turn2"].cached_tokens == len(pp)
+                            rows["long"] = loop.add(long, params, 3, reserve=12)
+                            assert loop.cache.max_len == 512  # grew, rows kept
+            loop.close()
+        assert got == want, backend

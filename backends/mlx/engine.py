@@ -166,6 +166,13 @@ class MlxEngine(Engine):
         return SlotCache(c.num_hidden_layers, slots, c.num_key_value_heads, max_len, c.head_dim,
                          self.model.model.norm.weight.dtype)
 
+    def _copy_cache(self, src: SlotCache, dst: SlotCache) -> None:
+        n = src.max_len
+        for layer in range(len(src.keys)):
+            dst.keys[layer][:, :, :n] = src.keys[layer]
+            dst.values[layer][:, :, :n] = src.values[layer]
+        mx.eval(*dst.keys, *dst.values)
+
     def _prefill(self, cache: SlotCache, slot: int, ids: list[int]) -> mx.array:
         cache.check_room(slot, len(ids))
         start = int(cache.lengths[slot])

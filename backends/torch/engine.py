@@ -155,6 +155,11 @@ class TorchEngine(Engine):
         return KVCache(c.num_hidden_layers, slots, c.num_key_value_heads, max_len, c.head_dim,
                        self.dtype, self.device)
 
+    def _copy_cache(self, src: KVCache, dst: KVCache) -> None:
+        n = src.max_len
+        dst.k[:, :, :, :n].copy_(src.k[:, :, :, :n])
+        dst.v[:, :, :, :n].copy_(src.v[:, :, :, :n])
+
     def _cache_for(self, slots: int, max_len: int) -> KVCache:
         cache = super()._cache_for(slots, max_len)
         if self._impl == "compiled" and cache.slots > 2 * slots and not cache.used.any():
