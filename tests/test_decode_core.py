@@ -309,3 +309,21 @@ def test_prefix_cache_chunked_prefill_and_growth_keep_every_row(model):
                             assert loop.cache.max_len == 512  # grew, rows kept
             loop.close()
         assert got == want, backend
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7])
+def test_prefill_in_chunks_equals_one_prefill(model, chunk):
+    """Chunks of any size at any start (a single later token sees every earlier key)."""
+    path, _, _ = model
+    for backend in ("torch", "mlx"):
+        if backend == "mlx":
+            pytest.importorskip("mlx.core")
+        engine = load(path, backend=backend, device="cpu", dtype="float32")
+        ids = engine.encode("hello world, 你好, once more")
+        want = engine.logits(ids)[-1]
+        cache = engine._cache_for(1, 64)
+        slot = cache.alloc()
+        for i in range(0, len(ids), chunk):
+            logits = engine._prefill(cache, slot, ids[i:i + chunk])
+        cache.free(slot)
+        np.testing.assert_allclose(engine._to_numpy(logits), want, atol=1e-4)

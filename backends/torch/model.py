@@ -138,8 +138,9 @@ class Attention(nn.Module):
         else:
             if isinstance(where, Span):  # prefill of one row into its slot
                 k, v = cache.write_span(self.layer, where.slot, where.start, k, v)
-            if mask is None:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            if mask is None:  # from position 0 (a query of one later token sees every key)
+                causal = t > 1 and (where is None or where.start == 0)
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
