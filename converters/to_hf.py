@@ -25,7 +25,7 @@ from minimind_core.checkpoint import load_checkpoint
 from minimind_core.config import ModelConfig, to_hf_config
 from minimind_core.dtypes import DTYPE_NAMES, canonical_dtype
 from minimind_core.lora import load_lora, merge_into
-from minimind_core.tokenizer import Tokenizer, find_tokenizer
+from minimind_core.tokenizer import Tokenizer, check_vocab, find_tokenizer
 
 from .common import (
     Progress,
@@ -33,8 +33,10 @@ from .common import (
     atomic_dir,
     check_paths,
     copy_tokenizer,
+    display_path,
     exit_status,
     folder_size,
+    guard_output,
     provenance,
 )
 
@@ -75,18 +77,22 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None,
     dtype: float32 / float16 / bfloat16, or None/"auto" to keep the source's. tokenizer: a folder;
     by default found beside the weights or in upstream's ``model/``. lora: an upstream LoRA file
     merged (``W + B @ A``) before writing. overrides: ModelConfig fields (e.g. top-k,
-    ``inference_rope_scaling=True`` to write YaRN). An existing ``dst`` needs ``force=True``; the
-    folder appears only once complete. progress: one line per step on stderr. Returns ``dst``.
+    ``inference_rope_scaling=True`` to write YaRN). DST is never an input, inside one or holding
+    one; an existing ``dst`` needs ``force=True`` and must be an earlier output of ours; the
+    folder appears only once complete (``common.atomic_dir``). progress: one line per step on
+    stderr. Returns ``dst``.
     """
     # Every argument is checked before anything is read or written.
     resolve_dtype(dtype)
-    src, dst = check_paths(src, dst, force)
+    src, dst = check_paths(src, dst, force, inputs=(tokenizer, lora))
     say = Progress("to_hf", enabled=progress)
 
-    say(f"reading {src}")
+    say(f"reading {display_path(src)}")
     ckpt = load_checkpoint(src, **dict(overrides or {}))
     out_dtype = resolve_dtype(dtype, ckpt.file_dtype)
     tok = find_tokenizer(ckpt.path, tokenizer)
+    check_vocab(tok, ckpt.config.vocab_size)
+    guard_output(dst, [src, tok, lora], force=force)  # the tokenizer found is an input too
     weights, adapter = ckpt.weights, None
     if lora is not None:
         say(f"merging LoRA {lora}")
@@ -94,16 +100,16 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None,
         weights = merge_into(weights, adapter)
     config = hf_config(ckpt.config, out_dtype, source=ckpt.path, files=ckpt.files,
                        lora=adapter.path if adapter else None)
-    say(f"writing {dst} ({config['architectures'][0]}, {out_dtype})")
-    with atomic_dir(dst, force) as tmp:
+    say(f"writing {display_path(dst)} ({config['architectures'][0]}, {out_dtype})")
+    with atomic_dir(dst, force, writer="converters.to_hf") as tmp:
         write_safetensors(hf_weights(weights), tmp / WEIGHTS_FILE, out_dtype)
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "generation_config.json", generation_config(ckpt.config))
         copy_tokenizer(tok, tmp)
         if config["model_type"] == "minimind":
             (tmp / "README.md").write_text(MINIMIND2_MOE_NOTE.format(
-                name=dst.name, k=ckpt.config.num_experts_per_tok), encoding="utf-8")
-    say.done(f"wrote {dst} ({folder_size(dst) / 1e6:.1f} MB)")
+                name=display_path(dst.name), k=ckpt.config.num_experts_per_tok), encoding="utf-8")
+    say.done(f"wrote {display_path(dst)} ({folder_size(dst) / 1e6:.1f} MB)")
     return dst
 
 
@@ -191,7 +197,7 @@ def configure_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run a parsed command line; errors are one line on stderr and exit status 1."""
+    """Run a parsed command line; errors are one line on stderr (exit 2 refused, 1 failed)."""
     return exit_status(lambda: convert(
         args.src, args.dst, dtype=args.dtype, tokenizer=args.tokenizer, lora=args.lora,
         force=args.force, progress=not args.quiet))
