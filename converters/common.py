@@ -246,6 +246,19 @@ def check_paths(src: str | Path, dst: str | Path, force: bool,
     return src, Path(dst).expanduser()
 
 
+def tokenizer_input(src: str | Path, tokenizer: Any = None) -> Path | None:
+    """The tokenizer folder a conversion of ``src`` will read (the one ``find_tokenizer`` picks),
+    found by path alone, so DST can be checked against it before anything is read."""
+    from minimind_core.tokenizer import TOKENIZER_FILE, candidate_folders
+
+    if tokenizer is not None:
+        return Path(getattr(tokenizer, "path", tokenizer)).expanduser()
+    for folder in candidate_folders(src):
+        if (folder / TOKENIZER_FILE).is_file():
+            return folder
+    return None
+
+
 # --- signals ------------------------------------------------------------------------------------
 
 class _SignalState:
@@ -401,11 +414,15 @@ def _write_error(e: BaseException, target: Path, existed: bool) -> WriteError | 
     """A write failure as one WriteError naming DST and the cause; None for any other error."""
     if isinstance(e, (WriteError, RefusedError, FileNotFoundError)):
         return None
-    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
-        cause = e.strerror or str(e)
-    elif isinstance(e, RuntimeError) and "writ" in str(e).lower():  # mlx, torch.save
-        cause = str(e).splitlines()[0][:200]
-    else:
+    cause, seen, cur = None, set(), e
+    while cur is not None and id(cur) not in seen and cause is None:  # torch wraps the OSError
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in _WRITE_ERRNOS:
+            cause = cur.strerror or str(cur)
+        cur = cur.__cause__ or cur.__context__
+    if cause is None and isinstance(e, RuntimeError) and "writ" in str(e).lower():  # mlx
+        cause = f"{str(e).splitlines()[0][:200]} (a full disk or a file-size limit?)"
+    if cause is None:
         return None
     try:
         free = f"; {shutil.disk_usage(target.parent).free / 1e6:.1f} MB free there"

@@ -82,7 +82,8 @@ def _save_pth(weights: Mapping[str, Any], path: Path, dtype: str) -> None:
     torch_dtype = getattr(torch, dtype)
     state = {k: torch.from_numpy(v.copy()).to(torch_dtype) for k, v in weights.items()}
     state["lm_head.weight"] = state["model.embed_tokens.weight"]  # tied, as upstream saves it
-    torch.save(state, path)
+    with open(path, "wb") as f:  # through a Python file, so a full disk surfaces as its OSError
+        torch.save(state, f)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

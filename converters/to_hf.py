@@ -38,6 +38,7 @@ from .common import (
     folder_size,
     guard_output,
     provenance,
+    tokenizer_input,
 )
 
 _ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -84,7 +85,7 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None,
     """
     # Every argument is checked before anything is read or written.
     resolve_dtype(dtype)
-    src, dst = check_paths(src, dst, force, inputs=(tokenizer, lora))
+    src, dst = check_paths(src, dst, force, inputs=(tokenizer_input(src, tokenizer), lora))
     say = Progress("to_hf", enabled=progress)
 
     say(f"reading {display_path(src)}")

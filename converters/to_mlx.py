@@ -35,6 +35,7 @@ from .common import (
     folder_size,
     guard_output,
     provenance,
+    tokenizer_input,
 )
 
 CONVERTER_VERSION = 1
@@ -78,7 +79,7 @@ def convert(src: str | Path, dst: str | Path, *, q_bits: int | None = None, q_gr
     bits = check_quantization(q_bits, q_group_size)
     if lora_adapter_out is not None and lora is None:
         raise ValueError("lora_adapter_out (--lora-adapter-out) needs the adapter: pass lora= (--lora)")
-    src, dst = check_paths(src, dst, force, inputs=(tokenizer, lora))
+    src, dst = check_paths(src, dst, force, inputs=(tokenizer_input(src, tokenizer), lora))
     outputs = [dst] if lora_adapter_out is None else [dst, lora_adapter_out]
     if lora_adapter_out is not None:
         guard_output(lora_adapter_out, [src, tokenizer, lora, dst], force=force)
