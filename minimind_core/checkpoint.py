@@ -66,11 +66,9 @@ def load_checkpoint(path: str | Path, **overrides: Any) -> Checkpoint:
     shapes = {k: tuple(v.shape) for k, v in weights.items()}
     try:
         config = infer_config(shapes, hints=hints, overrides=overrides)
-    except ValueError as e:
-        if "config.json says" in str(e):  # name the file that contradicts the weights
-            raise CheckpointError(f"{path}: {str(e).replace('config.json', str(config_file), 1)}"
-                                  ) from None
-        raise
+    except ValueError as e:  # name the file (and the config.json that contradicts it)
+        raise CheckpointError(f"{path}: {str(e).replace('config.json', str(config_file), 1)}"
+                              ) from None
     check_keys(weights, config, path)
     check_finite(weights, path)
     return Checkpoint(config, weights, path, files, file_dtype, source_config)
