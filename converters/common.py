@@ -174,8 +174,11 @@ def check_destination(dst: str | Path, force: bool, *, folder: bool = True) -> P
 
 def _entries(folder: Path) -> dict[str, int]:
     """Every file and link under ``folder`` (relative POSIX path -> size), links not followed."""
+    def fail(error: OSError) -> None:
+        raise error  # a folder we cannot read is never taken for an empty one
+
     out = {}
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder, onerror=fail):
         for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
             full = Path(root, name)
             out[full.relative_to(folder).as_posix()] = full.lstat().st_size
@@ -190,7 +193,10 @@ def foreign(folder: str | Path) -> str | None:
     write plus config.json's ``minimind`` block (an mlx_lm adapter folder: its two files).
     """
     folder = Path(folder)
-    found = _entries(folder)
+    try:
+        found = _entries(folder)
+    except OSError as e:
+        return f"it cannot be read: {e.strerror or e}"
     if not found:
         return None
     manifest = folder / MANIFEST
