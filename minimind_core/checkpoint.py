@@ -510,6 +510,11 @@ def check_keys(weights: Mapping[str, np.ndarray], config: ModelConfig, path: Pat
         k, got, exp = bad[0]
         problems.append(f"{len(bad)} tensor(s) with wrong shape, e.g. {k}: {list(got)} where the "
                         f"config needs {list(exp)}")
+    not_float = [k for k in sorted(set(want) & set(weights)) if weights[k].dtype.kind != "f"]
+    if not_float:
+        k = not_float[0]
+        problems.append(f"{len(not_float)} tensor(s) that are not floating point, e.g. {k} "
+                        f"({weights[k].dtype})")
     if problems:
         raise CheckpointError(f"{path}: does not match a {config.kind} model "
                               f"(hidden {config.hidden_size}, {config.num_hidden_layers} layers): "

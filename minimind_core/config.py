@@ -94,6 +94,10 @@ class ModelConfig:
         for f in fields(self):
             if f.name not in ("generation", "extra", "rope_scaling"):
                 check_field(f.name, getattr(self, f.name))
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(self, name) >= self.vocab_size:
+                raise ValueError(f"{name}={getattr(self, name)} is outside the vocabulary "
+                                 f"(vocab_size={self.vocab_size})")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")

@@ -145,6 +145,12 @@ def beside(path: Path, data) -> Path:
     ("minimind2", {"use_moe": "no"}, "use_moe must be true or false, got 'no'"),
     ("minimind3-moe", {"norm_topk_prob": "yes"}, "norm_topk_prob must be true or false"),
     ("minimind3-moe", {"num_experts_per_tok": 9}, "num_experts_per_tok must be an integer from 1 to num_experts=4"),
+    # beyond the list
+    ("minimind2", {"rope_scaling": {"type": "yarn", "original_max_position_embeddings": 0}},
+     "original_max_position_embeddings must be an integer from 1 to"),
+    ("minimind2", {"rope_theta": "1e6"}, "rope_theta must be a positive number above 1"),
+    ("minimind2", {"num_hidden_layers": 2.0}, "num_hidden_layers must be a positive integer, got 2.0"),
+    ("minimind2", {"eos_token_id": 10**6}, "eos_token_id=1000000 is outside the vocabulary"),
 ])
 def test_config_values_typed_and_in_range(make_checkpoint, kind, data, message):
     path, _, _ = make_checkpoint(kind)
@@ -152,7 +158,8 @@ def test_config_values_typed_and_in_range(make_checkpoint, kind, data, message):
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(path)
     assert message in str(e.value), str(e.value)
-    if "num_experts=4" not in message:  # (that one is a combination, checked with the weights)
+    if "num_experts=4" not in message and "outside" not in message:  # (combinations, checked
+        # once the weights are read, are named by the checkpoint)
         assert str(e.value).startswith(f"{file}: ")
 
 
@@ -209,6 +216,15 @@ def test_non_finite_weights_are_named(make_checkpoint, bad):
     assert str(e.value) == (f"{path}: tensor model.layers.1.mlp.up_proj.weight holds 1 "
                             f"NaN/infinite value(s); the file is corrupt or the training "
                             f"diverged: use another checkpoint")
+
+
+def test_integer_weights_are_refused(make_checkpoint):
+    path, _, weights = make_checkpoint("minimind3")
+    weights["model.norm.weight"] = np.ones(128, np.int64)
+    save_pth(weights, path)
+    with pytest.raises(CheckpointError, match=r"1 tensor\(s\) that are not floating point, e\.g\. "
+                                              r"model\.norm\.weight \(int64\)"):
+        load_checkpoint(path)
 
 
 def test_non_finite_bf16_safetensors_and_lora(make_checkpoint, tmp_path):
