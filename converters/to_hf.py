@@ -34,7 +34,7 @@ from minimind_core.granite import (
     to_granite,
 )
 from minimind_core.lora import load_lora, merge_into
-from minimind_core.tokenizer import Tokenizer, find_tokenizer
+from minimind_core.tokenizer import Tokenizer, check_vocab, find_tokenizer
 from minimind_core.version import __version__
 
 from .common import (
@@ -43,9 +43,12 @@ from .common import (
     atomic_dir,
     check_paths,
     copy_tokenizer,
+    display_path,
     exit_status,
     folder_size,
+    guard_output,
     provenance,
+    tokenizer_input,
 )
 
 _ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -102,21 +105,25 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None,
     merged (``W + B @ A``) before writing. overrides: ModelConfig fields (e.g. top-k,
     ``inference_rope_scaling=True`` to write YaRN). layout: "stock" (default; MiniMind2-MoE as
     GraniteMoeShared, which needs transformers >= 4.49 where transformers is installed) or
-    "minimind" (MiniMind2-MoE in upstream's layout). An existing ``dst`` needs ``force=True``; the
-    folder appears only once complete. progress: one line per step on stderr. Returns ``dst``.
+    "minimind" (MiniMind2-MoE in upstream's layout). DST is never an input, inside one or holding
+    one; an existing ``dst`` needs ``force=True`` and must be an earlier output of ours; the
+    folder appears only once complete (``common.atomic_dir``). progress: one line per step on
+    stderr. Returns ``dst``.
     """
     # Every argument is checked before anything is read or written.
     resolve_dtype(dtype)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
-    src, dst = check_paths(src, dst, force)
+    src, dst = check_paths(src, dst, force, inputs=(tokenizer_input(src, tokenizer), lora))
     say = Progress("to_hf", enabled=progress)
 
-    say(f"reading {src}")
+    say(f"reading {display_path(src)}")
     ckpt = load_checkpoint(src, **dict(overrides or {}))
     out_dtype = resolve_dtype(dtype, ckpt.file_dtype)
     tok = find_tokenizer(ckpt.path, tokenizer)
     granite = is_granite_export(ckpt.config, layout)
+    check_vocab(tok, ckpt.config.vocab_size)
+    guard_output(dst, [src, tok, lora], force=force)  # the tokenizer found is an input too
     weights, adapter = ckpt.weights, None
     if lora is not None:
         say(f"merging LoRA {lora}")
@@ -124,8 +131,8 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None,
         weights = merge_into(weights, adapter)
     config = hf_config(ckpt.config, out_dtype, source=ckpt.path, files=ckpt.files,
                        lora=adapter.path if adapter else None, granite=granite)
-    say(f"writing {dst} ({config['architectures'][0]}, {out_dtype})")
-    with atomic_dir(dst, force) as tmp:
+    say(f"writing {display_path(dst)} ({config['architectures'][0]}, {out_dtype})")
+    with atomic_dir(dst, force, writer="converters.to_hf") as tmp:
         tensors = to_granite(weights, ckpt.config) if granite else hf_weights(weights)
         write_safetensors(tensors, tmp / WEIGHTS_FILE, out_dtype)
         _write_json(tmp / "config.json", config)
@@ -133,13 +140,13 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None,
         copy_tokenizer(tok, tmp)
         if granite:
             (tmp / "README.md").write_text(GRANITE_NOTE.format(
-                name=dst.name, k=ckpt.config.num_experts_per_tok, ff=ckpt.config.intermediate_size,
-                shared=ckpt.config.n_shared_experts, min_version=MIN_TRANSFORMERS),
-                encoding="utf-8")
+                name=display_path(dst.name), k=ckpt.config.num_experts_per_tok,
+                ff=ckpt.config.intermediate_size, shared=ckpt.config.n_shared_experts,
+                min_version=MIN_TRANSFORMERS), encoding="utf-8")
         elif config["model_type"] == "minimind":
-            (tmp / "README.md").write_text(MINIMIND2_MOE_NOTE.format(name=dst.name),
-                                           encoding="utf-8")
-    say.done(f"wrote {dst} ({folder_size(dst) / 1e6:.1f} MB)")
+            (tmp / "README.md").write_text(MINIMIND2_MOE_NOTE.format(
+                name=display_path(dst.name), k=ckpt.config.num_experts_per_tok), encoding="utf-8")
+    say.done(f"wrote {display_path(dst)} ({folder_size(dst) / 1e6:.1f} MB)")
     return dst
 
 
@@ -254,7 +261,7 @@ def configure_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run a parsed command line; errors are one line on stderr and exit status 1."""
+    """Run a parsed command line; errors are one line on stderr (exit 2 refused, 1 failed)."""
     return exit_status(lambda: convert(
         args.src, args.dst, dtype=args.dtype, tokenizer=args.tokenizer, lora=args.lora,
         force=args.force, layout=args.layout, progress=not args.quiet))

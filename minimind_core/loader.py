@@ -27,6 +27,10 @@ def load(path: str | Path | None = None, backend: str = "auto", device: str | No
         from .demo import demo_model_path
 
         path = demo_model_path()
+    from .tokenizer import check_vocab
+
     engine_cls = backends.get(backend)
-    return engine_cls.load(path, device=device, dtype=dtype, tokenizer=tokenizer, lora=lora,
-                           **overrides)
+    engine = engine_cls.load(path, device=device, dtype=dtype, tokenizer=tokenizer, lora=lora,
+                             **overrides)
+    check_vocab(engine.tokenizer, engine.config.vocab_size)  # ids past the embedding: refuse now
+    return engine

@@ -162,10 +162,10 @@ def test_to_mlx_fuses_then_quantizes(make_checkpoint, tmp_path):
 def test_adapter_out_bad_arguments(make_checkpoint, tmp_path, capsys):
     path, _, lora_file = setup(make_checkpoint, "minimind2")
     assert to_mlx.main([str(path), str(tmp_path / "a"), "--lora-adapter-out",
-                        str(tmp_path / "ad"), "--quiet"]) == 1
+                        str(tmp_path / "ad"), "--quiet"]) == 2
     assert "needs the adapter" in capsys.readouterr().err
     (tmp_path / "ad").mkdir()
     assert to_mlx.main([str(path), str(tmp_path / "a"), "--lora", str(lora_file),
-                        "--lora-adapter-out", str(tmp_path / "ad"), "--quiet"]) == 1
+                        "--lora-adapter-out", str(tmp_path / "ad"), "--quiet"]) == 2
     assert "exists" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()

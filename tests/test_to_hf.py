@@ -103,16 +103,21 @@ def test_bad_inputs(make_checkpoint, tmp_path, capsys):
         to_hf.convert(not_a_model, tmp_path / "y", progress=False)
     with pytest.raises(FileNotFoundError, match="source not found"):
         to_hf.convert(tmp_path / "missing.pth", tmp_path / "z", progress=False)
-    assert to_hf.main([str(path), str(dst), "--quiet"]) == 1
+    assert to_hf.main([str(path), str(dst), "--quiet"]) == 2  # refused input: exit 2
     assert "exists" in capsys.readouterr().err
     left = sorted(p.name for p in tmp_path.iterdir() if p.name != "minimind2-0")
     assert left == ["hf", "notes.pth"]  # nothing half-written
-    assert to_hf.main([str(path), str(dst), "--force", "--quiet", "--dtype", "int4"]) == 1
+    assert to_hf.main([str(path), str(dst), "--force", "--quiet", "--dtype", "int4"]) == 2
     assert ("unknown dtype 'int4'; choose from float32, float16, bfloat16 or auto"
             in capsys.readouterr().err)
+    # --force never empties a folder we did not write
+    assert to_hf.main([str(path), str(dst), "--force", "--quiet"]) == 2
+    assert "holds keep, which we did not write" in capsys.readouterr().err
+    assert [p.name for p in dst.iterdir()] == ["keep"]
     # the command line takes the same aliases as load(): fp16 is float16
+    (dst / "keep").unlink()
     assert to_hf.main([str(path), str(dst), "--force", "--quiet", "--dtype", "fp16"]) == 0
-    assert (dst / "model.safetensors").is_file() and not (dst / "keep").exists()
+    assert (dst / "model.safetensors").is_file()
     assert json.loads((dst / "config.json").read_text())["dtype"] == "float16"
 
 

@@ -177,7 +177,7 @@ def test_minimind_layout_behind_a_flag(make_checkpoint, tmp_path, capsys):
     assert code == 0, err
     assert json.loads((tmp_path / "cli2" / "config.json").read_text())["model_type"] == "minimind"
     code, _, err = run(capsys, "convert", "--to", "mlx", path, tmp_path / "m", "--layout", "minimind")
-    assert code == 1
+    assert code == 2  # refused input (the converters' exit code for it)
     assert_one_line_error(err, "--layout is for --to hf")
 
 

@@ -68,6 +68,11 @@ def main(args: argparse.Namespace) -> int:
                "overrides": common.arch_overrides(args) or None}
     # Unset options are left out, so each converter's own defaults apply.
     options = {k: v for k, v in options.items() if v is not None}
-    out = convert(args.to, args.src, args.dst, force=args.force, **options)
-    print(f"wrote {out if out is not None else args.dst}")
-    return 0
+    from converters.common import display_path, exit_status
+
+    def run() -> None:
+        out = convert(args.to, args.src, args.dst, force=args.force, **options)
+        print(f"wrote {display_path(out if out is not None else args.dst)}", flush=True)
+
+    # The converters' exit codes: 2 refused input, 1 failed write, 130 Ctrl-C, 143 SIGTERM.
+    return exit_status(run, prog=common.PROG)
