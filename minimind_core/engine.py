@@ -23,8 +23,8 @@ import numpy as np
 from .chat import ChatFormatter
 from .config import ModelConfig
 from .outputs import RequestOutput
-from .params import GenerationResult, SamplingParams, StreamChunk
-from .sampling import new_seed
+from .params import GenerationResult, SamplingParams, StreamChunk, TokenLogprob
+from .sampling import new_seed, token_logprobs
 from .sampling import sample as sample_rows
 from .tokenizer import Tokenizer
 
@@ -57,6 +57,7 @@ class Row:
     drawn: int = 0  # tokens drawn so far: the index of the next uniform
     pending: int | None = None  # the last drawn token, fed at the next step
     logits: Any = field(default=None, repr=False)  # next-token logits (a backend array [vocab])
+    logprob: TokenLogprob | None = None  # of the last drawn token, with params.logprobs
 
 
 class TokenLoop:
@@ -148,6 +149,12 @@ class TokenLoop:
         logits = out if fed and len(fed) == len(ready) == len(self.rows) else engine._stack(
             [r.logits for r in ready])
         drawn = engine._sample(logits, ready)
+        wants = [i for i, r in enumerate(ready) if r.params.logprobs is not None]
+        if wants:  # log-softmax of the raw float32 logits, before any sampling filter
+            host = engine._to_numpy(logits)
+            for i in wants:
+                ready[i].logprob = token_logprobs(host[i:i + 1], [int(drawn[i])],
+                                                  ready[i].params.logprobs)[0]
         out_rows = []
         for r, token in zip(ready, drawn):
             token = int(token)
@@ -258,6 +265,16 @@ class Engine(ABC):
         self._budget([ids], SamplingParams(max_new_tokens=0))
         with self.exclusive():
             return self._logits(ids)
+
+    def prompt_logprobs(self, ids: Prompt, top: int = 0) -> list[TokenLogprob | None]:
+        """Logprob of every prompt token given the ones before it (the first: None), with the
+        ``top`` likeliest at each position — what ``echo`` with ``logprobs`` scores."""
+        ids = self.encode(ids)
+        logits = self.logits(ids)
+        out: list[TokenLogprob | None] = [None]
+        if len(ids) > 1:
+            out += token_logprobs(logits[:-1], ids[1:], top)
+        return out
 
     def iter_tokens(self, prompts: Sequence[Prompt], params: SamplingParams | None = None,
                     **sampling_kwargs: Any) -> Iterator[np.ndarray]:
@@ -389,7 +406,7 @@ class Engine(ABC):
                 while loop is not None and loop.rows:
                     for row, token in loop.step():
                         out = outs[index[id(row)]]
-                        chunk = out.add(token)
+                        chunk = out.add(token, row.logprob)
                         if chunk is not None:
                             yield chunk
                         if out.done:
@@ -413,6 +430,9 @@ class Engine(ABC):
                 r.time_to_first_token = chunk.time_to_first_token or 0.0
                 r.tokens_per_second = chunk.tokens_per_second or 0.0
                 r.token_ids = chunk.token_ids or []
+            if chunk.logprobs is not None:
+                results[chunk.index].logprobs = (results[chunk.index].logprobs or []) + \
+                    chunk.logprobs
         for i, r in enumerate(results):
             r.text = "".join(parts[i])
         return results

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Collection
 
-from .params import SamplingParams, StreamChunk, Usage
+from .params import SamplingParams, StreamChunk, TokenLogprob, Usage
 from .textstream import TextAssembler
 from .tokenizer import Tokenizer
 
@@ -28,16 +28,21 @@ class RequestOutput:
         self.started = time.perf_counter() if started is None else started
         self.first: float | None = None
         self.last = 0.0
+        self.want_logprobs = params.logprobs is not None
+        self._logprobs: list[TokenLogprob] = []  # not yet sent with a chunk
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None or len(self.asm.ids) >= self.budget
 
-    def add(self, token: int) -> StreamChunk | None:
-        """Take one drawn token; returns the chunk of new text, if any (check ``done`` after)."""
+    def add(self, token: int, logprob: TokenLogprob | None = None) -> StreamChunk | None:
+        """Take one drawn token (and its logprob); returns the chunk of new text, if any (check
+        ``done`` after). Logprobs ride on the chunk whose text their tokens made."""
         now = time.perf_counter()
         self.first = self.first or now
         self.last = now
+        if self.want_logprobs and logprob is not None:
+            self._logprobs.append(logprob)
         if token in self.stop_ids:
             self.asm.ids.append(token)
             self.finish_reason = "stop"
@@ -45,7 +50,15 @@ class RequestOutput:
         delta = self.asm.add(token)
         if self.asm.stopped:
             self.finish_reason = "stop"
-        return StreamChunk(delta, token, index=self.index) if delta else None
+        if not delta:
+            return None
+        return StreamChunk(delta, token, index=self.index, logprobs=self._take_logprobs())
+
+    def _take_logprobs(self) -> list[TokenLogprob] | None:
+        if not self.want_logprobs:
+            return None
+        out, self._logprobs = self._logprobs, []
+        return out
 
     def final(self) -> StreamChunk:
         """The last chunk: any held-back text, finish_reason, usage, timings and every id."""
@@ -56,4 +69,5 @@ class RequestOutput:
                if n_out > 1 and self.first and self.last > self.first else 0.0)
         return StreamChunk(tail, None, index=self.index, finish_reason=self.finish_reason or "length",
                            usage=Usage(self.prompt_tokens, n_out), time_to_first_token=ttft,
-                           tokens_per_second=tps, token_ids=list(self.asm.ids))
+                           tokens_per_second=tps, token_ids=list(self.asm.ids),
+                           logprobs=self._take_logprobs())

@@ -143,3 +143,27 @@ def sample(logits: np.ndarray, params: SamplingParams | Sequence[SamplingParams]
             u = uniform([seeds[i] for i in idx], [steps[i] for i in idx])
             out[idx] = draw(filter_logits(part, p), u)
     return out
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log-softmax over the last axis, in float64 for the sums, returned as float32."""
+    x = np.asarray(logits, dtype=np.float64)
+    z = x - x.max(axis=-1, keepdims=True)
+    return (z - np.log(np.exp(z).sum(axis=-1, keepdims=True))).astype(np.float32)
+
+
+def token_logprobs(logits: np.ndarray, tokens: Sequence[int], top: int) -> list:
+    """For each row of raw logits [rows, vocab]: the chosen token's logprob and the ``top``
+    likeliest (ties: lower id first) as ``TokenLogprob``."""
+    from .params import TokenLogprob
+
+    lp = log_softmax(logits)
+    out = []
+    for row, token in zip(lp, tokens):
+        best = []
+        if top:
+            ids = np.argpartition(-row, min(top, row.shape[0] - 1))[:top]
+            ids = sorted(ids.tolist(), key=lambda i: (-row[i], i))
+            best = [(int(i), float(row[i])) for i in ids]
+        out.append(TokenLogprob(int(token), float(row[int(token)]), best))
+    return out

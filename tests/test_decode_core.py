@@ -327,3 +327,32 @@ def test_prefill_in_chunks_equals_one_prefill(model, chunk):
             logits = engine._prefill(cache, slot, ids[i:i + chunk])
         cache.free(slot)
         np.testing.assert_allclose(engine._to_numpy(logits), want, atol=1e-4)
+
+
+def test_logprobs_are_log_softmax_of_the_model_logits(model):
+    """Generated and prompt logprobs against transformers' logits (the oracle) to 1e-4; the
+    top-N lists are its N largest log-softmax values in order."""
+    path, config, weights = model
+    engine = load(path, backend="torch", device="cpu")
+    p, pp = prompt_pair(engine)
+    r = engine.generate(pp, max_new_tokens=8, logprobs=3, temperature=0.9, seed=2)
+    assert [lp.token for lp in r.logprobs] == r.token_ids
+    ref = hf_model(config, weights)
+    with torch.no_grad():
+        logits = ref(torch.tensor([pp + r.token_ids])).logits[0].double()
+    want = torch.log_softmax(logits, dim=-1).numpy()
+    for i, lp in enumerate(r.logprobs):
+        row = want[len(pp) - 1 + i]
+        assert abs(lp.logprob - row[lp.token]) < 1e-4
+        top = np.argsort(-row)[:3]
+        assert [t for t, _ in lp.top] == top.tolist()
+        np.testing.assert_allclose([v for _, v in lp.top], row[top], atol=1e-4)
+    prompt = engine.prompt_logprobs(pp, top=2)
+    assert prompt[0] is None and len(prompt) == len(pp)
+    for i in range(1, len(pp)):
+        assert abs(prompt[i].logprob - want[i - 1][pp[i]]) < 1e-4
+    # streamed: the logprobs ride on the chunks, in order, one per token
+    chunks = list(engine.stream(pp, max_new_tokens=8, logprobs=0, temperature=0.9, seed=2))
+    streamed = [lp for c in chunks for lp in (c.logprobs or [])]
+    assert [lp.token for lp in streamed] == r.token_ids
+    assert all(lp.top == [] for lp in streamed)
