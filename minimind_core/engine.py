@@ -105,6 +105,22 @@ class TokenLoop:
                 raise
         return row
 
+    def fork(self, row: Row, seed: int | None = None) -> Row:
+        """A second row with ``row``'s prompt, sharing its prefill (the keys are copied into a
+        free slot, the first logits shared): ``n > 1`` choices of one prompt. Call it before
+        ``row``'s first ``step``."""
+        if row.todo or row.pending is not None:
+            raise ValueError("fork a row after its prefill and before its first step")
+        slot = self.cache.alloc()
+        self.engine._copy_prefix(self.cache, row.slot, slot, len(row.ids))
+        self.cache.lengths[slot] = len(row.ids)
+        twin = Row(slot, row.params, new_seed() if seed is None else int(seed),
+                   list(row.history), row.prompt_tokens, ids=list(row.ids),
+                   cached_tokens=row.cached_tokens)
+        twin.logits = row.logits
+        self.rows.append(twin)
+        return twin
+
     def _grow(self, length: int) -> None:
         if length > self.cache.max_len:
             self.cache = self.engine._grow_cache(self.cache, length)
@@ -209,6 +225,10 @@ class Engine(ABC):
         new.lengths[:], new.used[:], new.cached = cache.lengths, cache.used, cache.cached
         self._cache = new
         return new
+
+    def _copy_prefix(self, cache: Any, src: int, dst: int, n: int) -> None:
+        """Copy positions ``0..n`` of slot ``src`` into slot ``dst`` (every layer)."""
+        raise NotImplementedError(f"the {self.backend} backend cannot copy a cache slot")
 
     def _copy_cache(self, src: Any, dst: Any) -> None:
         """Copy every slot's keys and values of ``src`` into the (longer) ``dst``."""

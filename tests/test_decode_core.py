@@ -356,3 +356,28 @@ def test_logprobs_are_log_softmax_of_the_model_logits(model):
     streamed = [lp for c in chunks for lp in (c.logprobs or [])]
     assert [lp.token for lp in streamed] == r.token_ids
     assert all(lp.top == [] for lp in streamed)
+
+
+def test_forked_rows_share_one_prefill(model):
+    """n > 1 choices: one prefill, the keys copied; each choice = a solo run with its seed."""
+    path, _, _ = model
+    for backend in ("torch", "mlx"):
+        if backend == "mlx":
+            pytest.importorskip("mlx.core")
+        engine = load(path, backend=backend, device="cpu", dtype="float32")
+        _, pp = prompt_pair(engine)
+        params = SamplingParams(max_new_tokens=10, **SAMPLED)
+        want = [[int(t[0]) for t in engine.iter_tokens([pp], params, seed=s)] for s in (1, 2, 3)]
+        calls = []
+        prefill = engine._prefill
+        engine._prefill = lambda *a: calls.append(1) or prefill(*a)
+        with engine.exclusive():
+            loop = TokenLoop(engine, 4, 64)
+            rows = [loop.add(pp, params, 1)]
+            rows += [loop.fork(rows[0], s) for s in (2, 3)]
+            got = [[] for _ in rows]
+            for _ in range(10):
+                for row, token in loop.step():
+                    got[rows.index(row)].append(token)
+            loop.close()
+        assert got == want and len(calls) == 1, backend

@@ -166,6 +166,12 @@ class MlxEngine(Engine):
         return SlotCache(c.num_hidden_layers, slots, c.num_key_value_heads, max_len, c.head_dim,
                          self.model.model.norm.weight.dtype)
 
+    def _copy_prefix(self, cache: SlotCache, src: int, dst: int, n: int) -> None:
+        for layer in range(len(cache.keys)):
+            cache.keys[layer][dst, :, :n] = cache.keys[layer][src, :, :n]
+            cache.values[layer][dst, :, :n] = cache.values[layer][src, :, :n]
+        mx.eval(*cache.keys, *cache.values)
+
     def _copy_cache(self, src: SlotCache, dst: SlotCache) -> None:
         n = src.max_len
         for layer in range(len(src.keys)):

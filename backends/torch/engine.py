@@ -155,6 +155,10 @@ class TorchEngine(Engine):
         return KVCache(c.num_hidden_layers, slots, c.num_key_value_heads, max_len, c.head_dim,
                        self.dtype, self.device)
 
+    def _copy_prefix(self, cache: KVCache, src: int, dst: int, n: int) -> None:
+        cache.k[:, dst, :, :n].copy_(cache.k[:, src, :, :n])
+        cache.v[:, dst, :, :n].copy_(cache.v[:, src, :, :n])
+
     def _copy_cache(self, src: KVCache, dst: KVCache) -> None:
         n = src.max_len
         dst.k[:, :, :, :n].copy_(src.k[:, :, :, :n])
