@@ -370,7 +370,7 @@ def test_forked_rows_share_one_prefill(model):
         want = [[int(t[0]) for t in engine.iter_tokens([pp], params, seed=s)] for s in (1, 2, 3)]
         calls = []
         prefill = engine._prefill
-        engine._prefill = lambda *a: calls.append(1) or prefill(*a)
+        engine._prefill = lambda *a, calls=calls, prefill=prefill: calls.append(1) or prefill(*a)
         with engine.exclusive():
             loop = TokenLoop(engine, 4, 64)
             rows = [loop.add(pp, params, 1)]
