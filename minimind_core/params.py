@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
+from .notes import note_once
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -54,9 +56,19 @@ class SamplingParams:
 
     @classmethod
     def from_kwargs(cls, base: SamplingParams | None = None, **kwargs) -> SamplingParams:
-        """Build from keyword arguments, ignoring None values; unknown names raise ValueError."""
+        """Build from keyword arguments, ignoring None values; unknown names raise ValueError.
+
+        transformers' ``generate`` switches are accepted as upstream's code passes them:
+        ``do_sample=False`` means greedy (temperature 0, as transformers ignores temperature
+        then); ``do_sample=True`` samples, at temperature 1.0 (transformers' default) unless a
+        temperature is given. ``use_cache`` changes nothing: the KV cache is always used.
+        """
         names = {f.name for f in fields(cls)}
         aliases = {"max_tokens": "max_new_tokens"}
+        do_sample = kwargs.pop("do_sample", None)
+        use_cache = kwargs.pop("use_cache", None)
+        if use_cache is not None and not use_cache:
+            note_once("use_cache=False changes nothing: generation always uses the KV cache")
         clean = {}
         for key, value in kwargs.items():
             key = aliases.get(key, key)
@@ -64,12 +76,18 @@ class SamplingParams:
                 raise ValueError(f"unknown sampling parameter {key!r}; choose from {sorted(names)}")
             if value is not None:
                 clean[key] = value
-        return replace(base or cls(), **clean)
+        params = replace(base or cls(), **clean)
+        if do_sample is not None and not do_sample:
+            return replace(params, temperature=0.0)
+        if do_sample and params.temperature == 0 and "temperature" not in clean:
+            return replace(params, temperature=1.0)
+        return params
 
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
 
 
 @dataclass
