@@ -153,11 +153,15 @@ class Engine(ABC):
 
     def generate_batch(self, prompts: Sequence[Prompt], params: SamplingParams | None = None,
                        **sampling_kwargs: Any) -> list[GenerationResult]:
-        """Generate for several raw prompts at once (left-padded batch, per-row stopping)."""
+        """Generate for several prompts at once (left-padded batch, per-row stopping): raw prompts
+        (text or ids) and conversations (lists of message dicts, chat-formatted) may be mixed."""
         if not prompts:
             return []
         params = SamplingParams.from_kwargs(params, **sampling_kwargs)
-        rows = [self.encode(p) for p in prompts]
+        # a row that is a list of message dicts is a conversation: the shared chat formatter
+        rows = [self.chat_ids(list(p), max_new_tokens=params.max_new_tokens)
+                if isinstance(p, (list, tuple)) and p and isinstance(p[0], dict)
+                else self.encode(p) for p in prompts]
         return self._collect(self._stream_rows(rows, params), len(rows))
 
     def chat_ids(self, messages: list[dict[str, Any]], *, max_history: int | None = None,
