@@ -7,6 +7,10 @@ from dataclasses import dataclass, field, fields, replace
 from .notes import note_once
 
 
+# What transformers' generate(do_sample=True) samples with when not told otherwise.
+TRANSFORMERS_SAMPLING = {"temperature": 1.0, "top_k": 50}
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token. Names follow transformers (``max_new_tokens``; the OpenAI /
@@ -60,8 +64,8 @@ class SamplingParams:
 
         transformers' ``generate`` switches are accepted as upstream's code passes them:
         ``do_sample=False`` means greedy (temperature 0, as transformers ignores temperature
-        then); ``do_sample=True`` samples, at temperature 1.0 (transformers' default) unless a
-        temperature is given. ``use_cache`` changes nothing: the KV cache is always used.
+        then); ``do_sample=True`` samples with transformers' defaults for what is not given
+        (temperature 1.0, top_k 50). ``use_cache`` changes nothing: the KV cache is always used.
         """
         names = {f.name for f in fields(cls)}
         aliases = {"max_tokens": "max_new_tokens"}
@@ -79,8 +83,11 @@ class SamplingParams:
         params = replace(base or cls(), **clean)
         if do_sample is not None and not do_sample:
             return replace(params, temperature=0.0)
-        if do_sample and params.temperature == 0 and "temperature" not in clean:
-            return replace(params, temperature=1.0)
+        if do_sample:
+            if params.temperature == 0 and "temperature" not in clean:
+                params = replace(params, temperature=TRANSFORMERS_SAMPLING["temperature"])
+            if params.top_k == 0 and "top_k" not in clean:
+                params = replace(params, top_k=TRANSFORMERS_SAMPLING["top_k"])
         return params
 
 
