@@ -85,7 +85,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def read_prompt(prompt: str | None, stdin=None) -> str:
-    """The prompt argument, or stdin when it is '-' or missing (never wait on a terminal)."""
+    """The prompt argument, or stdin when it is '-' or missing (never wait on a terminal).
+
+    From stdin, the one line break that ``echo`` adds is dropped, no more: a raw prompt may end
+    in a newline that matters (``<|im_start|>assistant\\n``)."""
     stdin = stdin or sys.stdin
     if prompt is not None and prompt != "-":
         return prompt
@@ -95,7 +98,10 @@ def read_prompt(prompt: str | None, stdin=None) -> str:
     text = stdin.read()
     if not text.strip():
         raise ValueError("the prompt read from stdin is empty")
-    return text.rstrip("\n")
+    for end in ("\r\n", "\n"):
+        if text.endswith(end):
+            return text[:-len(end)]
+    return text
 
 
 def given_prompt(args: argparse.Namespace) -> str | None:
