@@ -1,7 +1,7 @@
 """A Gradio chat page on top of minimind-core, for those who prefer Gradio.
 
 The built-in page (`minimind serve`, then open http://127.0.0.1:8000/) needs nothing extra;
-this example needs Gradio 6 (`pip install 'minimind-core[gradio]'`; Gradio 5 works too).
+this example needs Gradio 5.50 or 6 (`pip install 'minimind-core[gradio]'`).
 
     python examples/gradio_chat.py                                # the embedded demo model
     python examples/gradio_chat.py -m out/full_sft_768.pth --open-thinking
