@@ -6,7 +6,6 @@ from dataclasses import dataclass, field, fields, replace
 
 from .notes import note_once
 
-
 # What transformers' generate(do_sample=True) samples with when not told otherwise.
 TRANSFORMERS_SAMPLING = {"temperature": 1.0, "top_k": 50}
 

@@ -7,8 +7,9 @@ upstream ``eval_llm.py``'s flag names, so ``--top_p`` and ``--top-p`` are the sa
 server uses it too.
 
 Defaults follow mlx-lm, not upstream's eval_llm.py: greedy decoding (temperature 0) and at most
-512 new tokens. Upstream's flags keep their meaning but not their defaults (0.85 / 0.85 / 8192):
-pass ``--temperature 0.85 --top_p 0.85`` to sample as eval_llm.py does.
+512 new tokens. Upstream's flags keep their meaning but not their defaults (0.85 / 0.95 / 8192):
+pass ``--temperature 0.85 --top_p 0.95 --top-k 50`` to sample as eval_llm.py does (top_k 50 is
+transformers' default there).
 """
 
 from __future__ import annotations
