@@ -210,8 +210,13 @@ def demo_weights() -> Path:
     return Path(demo_model_path())
 
 
+# eval_llm.py's architecture flags: given alone (no --model), they name its default file, as there.
+IMPLY_UPSTREAM = ("hidden_size", "num_hidden_layers", "use_moe")
+
+
 def upstream_paths(args: argparse.Namespace) -> UpstreamPaths | None:
-    """Resolve upstream flags (None when none was given); refuse a mix with --model / --lora."""
+    """Resolve upstream flags (None when none was given); refuse a mix with --model / --lora.
+    eval_llm.py's architecture flags alone resolve its default file (``_implied_upstream``)."""
     def get(name: str) -> Any:  # not every command defines every flag
         return getattr(args, name, None)
 
@@ -228,10 +233,6 @@ def upstream_paths(args: argparse.Namespace) -> UpstreamPaths | None:
     if up is None and get("model") is None and any(get(n) is not None for n in IMPLY_UPSTREAM):
         up = _implied_upstream(get("hidden_size"), get("use_moe"), get("num_hidden_layers"))
     return up
-
-
-# eval_llm.py's architecture flags: given alone (no --model), they name its default file, as there.
-IMPLY_UPSTREAM = ("hidden_size", "num_hidden_layers", "use_moe")
 
 
 def _implied_upstream(hidden: int | None, use_moe: int | None,
