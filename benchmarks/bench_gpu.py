@@ -25,11 +25,11 @@ def main() -> None:
         if not torch.cuda.is_available():
             sys.exit("bench_gpu: no CUDA device here; run with --device cpu for the compiled vs "
                      "eager ratio on CPU")
-        impls = ["ours", "ours-eager", "transformers-static", "transformers"]
+        impls = ["ours", "decode=eager", "transformers-static", "transformers"]
         baseline = "transformers-static"
         where = torch.cuda.get_device_name()
     else:
-        impls, baseline, where = ["ours-compiled", "ours"], "ours", "CPU"
+        impls, baseline, where = ["decode=compiled", "ours"], "ours", "CPU"
     results = harness.run_all(impls, a)
     print(f"\nDecode benchmark on {where}, {a.dtype}, torch {torch.__version__}, "
           f"prompt {a.prompt_tokens}, {a.new_tokens} new tokens\n")

@@ -1,7 +1,8 @@
 """Parity at the five released shapes (random weights of the real sizes), fp32:
 
-- TorchEngine vs transformers (LlamaForCausalLM / Qwen3ForCausalLM / Qwen3MoeForCausalLM loaded
-  from our to_hf export): max |logit difference| over a 64-token prompt and the 24 greedy tokens;
+- TorchEngine vs transformers (LlamaForCausalLM / GraniteMoeSharedForCausalLM / Qwen3ForCausalLM
+  / Qwen3MoeForCausalLM loaded from our to_hf export): max |logit difference| over a 64-token
+  prompt and the 24 greedy tokens;
 - MlxEngine vs TorchEngine on the same file (when mlx is installed);
 - a random upstream-style LoRA (q_proj and o_proj, rank 8 for MiniMind2 / 16 for MiniMind-3):
   unmerged vs merged on torch, torch vs MLX unmerged, and set_lora(None) back to the base.
@@ -24,7 +25,7 @@ N_TOKENS = 24
 def greedy(engine, ids: list[int]) -> list[int]:
     from minimind_core.params import SamplingParams
 
-    steps = engine._steps([ids], SamplingParams(max_new_tokens=N_TOKENS))
+    steps = engine.iter_tokens([ids], SamplingParams(max_new_tokens=N_TOKENS))
     tokens = [int(next(steps)[0]) for _ in range(N_TOKENS)]
     steps.close()
     return tokens
@@ -85,16 +86,14 @@ def main() -> None:
         ours = load(path, backend="torch", device="cpu", dtype="float32", tokenizer=tok)
         logits, tokens = ours.logits(ids), greedy(ours, ids)
         row = {"shape": shape, "kind": ours.config.kind}
-        if ours.config.kind == "minimind2-moe":
-            row["hf"] = "no stock class (tests: reference from FORMATS.md)"
-        else:
-            folder = convert(path, Path(tempfile.mkdtemp()) / "hf", tokenizer=tok, progress=False)
-            hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-            with torch.inference_mode():
-                ref = hf(torch.tensor([ids])).logits[0].numpy()
-                out = hf.generate(torch.tensor([ids]), max_new_tokens=N_TOKENS, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
-            row["hf"] = f"{np.abs(logits - ref).max():.1e} / {'same' if out == tokens else 'DIFFERENT'}"
+        folder = convert(path, Path(tempfile.mkdtemp()) / "hf", tokenizer=tok, progress=False)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.inference_mode():
+            ref = hf(torch.tensor([ids])).logits[0].numpy()
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=N_TOKENS, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        row["hf"] = (f"{np.abs(logits - ref).max():.1e} / {'same' if out == tokens else 'DIFFERENT'}"
+                     f" ({type(hf).__name__})")
         has_mlx = importlib.util.find_spec("mlx") is not None
         row["lora"] = lora_row(path, tok, ids, logits, has_mlx)
         if has_mlx:

@@ -17,7 +17,7 @@ a client in another process. Prints a markdown table:
    errors (the server generates one request at a time, so this measures queueing, not batching).
 4. A client that disconnects after 5 chunks of a max_tokens=2000 stream: how many tokens the
    engine generated after the connection closed, counted by wrapping the engine's token loop
-   (``Engine._steps``, one count per token the model produced).
+   (``Engine._sample``, one count per token the token loop drew).
 
 Token counts are the server's ``usage.completion_tokens`` / the engine's final-chunk usage, never
 the number of SSE chunks (one chunk may carry several tokens when a UTF-8 character spans them).
@@ -78,26 +78,37 @@ class Generation:
 
 
 class TokenCounter:
-    """Wraps ``engine._steps`` (the model's token loop) to count every token it produces, per
-    generation, and to note when the loop is closed (the generation really stopped)."""
+    """Counts every token the engine's token loop draws, per generation (one per prefilled row),
+    and notes when the row's cache slot is freed (the generation really stopped)."""
 
     def __init__(self, engine) -> None:
         self.generations: list[Generation] = []
-        inner = engine._steps
+        by_slot: dict[int, Generation] = {}
+        prefill, sample, new_cache = engine._prefill, engine._sample, engine._new_cache
 
-        def counted(prompts, params):
-            gen = Generation()
+        def counted_prefill(cache, slot, ids):
+            by_slot[slot] = gen = Generation()
             self.generations.append(gen)
-            steps = inner(prompts, params)
-            try:
-                for tokens in steps:
-                    gen.tokens += len(tokens)
-                    yield tokens
-            finally:
-                steps.close()
-                gen.closed.set()
+            return prefill(cache, slot, ids)
 
-        engine._steps = counted  # the shared loop calls self._steps: the instance attribute wins
+        def counted_sample(logits, rows):
+            for row in rows:
+                by_slot[row.slot].tokens += 1
+            return sample(logits, rows)
+
+        def watched_cache(slots, max_len):
+            cache = new_cache(slots, max_len)
+            free = cache.free
+
+            def freed(slot):
+                free(slot)
+                by_slot[slot].closed.set()
+
+            cache.free = freed
+            return cache
+
+        engine._prefill, engine._sample = counted_prefill, counted_sample
+        engine._new_cache, engine._cache = watched_cache, None  # the instance attributes win
 
 
 # -- measurements -----------------------------------------------------------------------------
@@ -283,7 +294,7 @@ def table(s: dict, lat: dict, con: dict, dis: dict) -> str:
          f"{dis['after']} token(s) generated after the disconnect",
          f"stopped in {dis['stop_ms']:.0f} ms" if dis["stopped"] else "did NOT stop in 30 s",
          f"the engine had produced {dis['at_close']} tokens when the client closed "
-         f"(counted in Engine._steps)"),
+         f"(counted in Engine._sample)"),
     ]
     lines = ["| " + " | ".join(r) + " |" for r in rows]
     lines.insert(1, "|" + "---|" * len(rows[0]))

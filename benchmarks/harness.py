@@ -109,10 +109,9 @@ def bench_ours(shape: str, a: argparse.Namespace) -> dict:
     config = config_for(shape)
     path = write_weights(shape)
     t0 = time.perf_counter()
+    decode = a.impl.partition("=")[2] or "auto"  # "ours" is decode=auto
     engine = load(path, backend="torch", device=a.device, dtype=a.dtype,
-                  tokenizer=tokenizer_dir(), compile=a.impl == "ours-compiled",
-                  cuda_graphs=False if a.impl == "ours-eager" else None, threads=a.threads,
-                  native=a.impl != "ours-torch-ops")
+                  tokenizer=tokenizer_dir(), decode=decode, threads=a.threads)
     first = engine.iter_tokens([[1, 2, 3, 4]], max_new_tokens=2)
     next(first)
     out = {"load_to_first_token_s": time.perf_counter() - t0}
@@ -160,8 +159,6 @@ def bench_transformers(shape: str, a: argparse.Namespace) -> dict:
     from converters.to_hf import convert
 
     config = config_for(shape)
-    if config.kind == "minimind2-moe":
-        return {"skipped": "no stock transformers class for MiniMind2-MoE"}
     folder = convert(write_weights(shape), Path(tempfile.mkdtemp()) / "hf",
                      tokenizer=tokenizer_dir(), progress=False)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[a.dtype]
@@ -203,6 +200,46 @@ def bench_transformers(shape: str, a: argparse.Namespace) -> dict:
     return out
 
 
+def bench_upstream(shape: str, a: argparse.Namespace) -> dict:
+    """Upstream MiniMind's own ``model.generate`` (greedy) on the same weights: its
+    ``model/model_minimind.py`` from a checkout given with --upstream (MiniMind-3 shapes) or
+    --upstream-v2 (MiniMind2 shapes, e.g. rev c090b69). Nothing of it is shipped here."""
+    import importlib
+
+    import torch
+
+    generation, hidden, layers, moe = SHAPES[shape]
+    folder = a.upstream if generation == "minimind3" else a.upstream_v2
+    if not folder:
+        return {"skipped": f"no upstream checkout for {generation} (--upstream / --upstream-v2)"}
+    sys.path.insert(0, str(Path(folder).resolve()))
+    upstream = importlib.import_module("model.model_minimind")
+    config = upstream.MiniMindConfig(hidden_size=hidden, num_hidden_layers=layers, use_moe=moe)
+    model = upstream.MiniMindForCausalLM(config).eval()
+    state = {k: torch.from_numpy(v) for k, v in random_state(config_for(shape)).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        return {"error": f"upstream's model does not take these weights: {missing[:3]} "
+                         f"{unexpected[:3]}"}
+    rng = np.random.default_rng(1)
+    out: dict = {}
+    for b in a.batches:
+        ids = torch.tensor([rng.integers(3, 6400, a.prompt_tokens).tolist() for _ in range(b)])
+
+        def one(n: int, ids=ids) -> float:
+            t = time.perf_counter()
+            with torch.inference_mode():
+                model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None,
+                               pad_token_id=0, attention_mask=torch.ones_like(ids))
+            return time.perf_counter() - t
+
+        one(2)
+        rates = [b * (a.new_tokens - 1) / max(one(a.new_tokens) - one(1), 1e-9)
+                 for _ in range(a.repeats)]
+        out[f"decode_b{b}"] = statistics.median(rates)
+    return out
+
+
 def bench_floor(shape: str, a: argparse.Namespace) -> dict:
     """A lower bound on time per token: one matrix-vector product per weight matrix, nothing else."""
     import torch
@@ -230,6 +267,8 @@ def worker(a: argparse.Namespace) -> None:
         result = bench_floor(a.shape, a)
     elif a.impl.startswith("transformers"):
         result = bench_transformers(a.shape, a)
+    elif a.impl == "upstream":
+        result = bench_upstream(a.shape, a)
     else:
         result = bench_ours(a.shape, a)
     if a.device.startswith("cuda"):
@@ -248,6 +287,9 @@ def run_all(impls: list[str], a: argparse.Namespace) -> dict[tuple[str, str], di
                    "--new-tokens", str(a.new_tokens), "--prompt-tokens", str(a.prompt_tokens),
                    "--prefill-tokens", str(a.prefill_tokens), "--repeats", str(a.repeats),
                    "--batches", *map(str, a.batches)]
+            for flag in ("upstream", "upstream_v2"):
+                if getattr(a, flag, None):
+                    cmd += ["--" + flag.replace("_", "-"), getattr(a, flag)]
             env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + str(Path(__file__).parent)}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -272,16 +314,17 @@ def table(results: dict, impls: list[str], a: argparse.Namespace, baseline: str)
         base = results.get((shape, baseline), {}).get(cols[0])
         for impl in impls:
             r = results[(shape, impl)]
-            if "error" in r or "skipped" in r or len(r) < 3:
-                if len(r) < 3 and "decode_b1" in r:  # the floor row: one figure
+            if "error" in r or "skipped" in r or (impl == "matvec-floor"):
+                if "decode_b1" in r:  # the floor row: one figure
                     r = {"skipped": f"{r['decode_b1']:.1f} tok/s at b=1 (weights read once)"}
                 lines.append(f"| {shape} | {impl} | " + (r.get("error") or r["skipped"]) +
                              " |" * (len(head) - 2))
                 continue
-            cells = [f"{r[c]:.1f}" if "tok_s" in c or c.startswith("decode") else f"{r[c]:.3f}"
-                     for c in cols]
+            cells = ["" if c not in r else f"{r[c]:.1f}" if "tok_s" in c or c.startswith("decode")
+                     else f"{r[c]:.3f}" for c in cols]
             ratio = f"{r[cols[0]] / base:.2f}x" if base else "–"
-            lines.append(f"| {shape} | {impl} | " + " | ".join(cells) + f" | {r[mem]:.0f} | {ratio} |")
+            lines.append(f"| {shape} | {impl} | " + " | ".join(cells) +
+                         f" | {r.get(mem, 0):.0f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -299,6 +342,10 @@ def parser(defaults: dict) -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--upstream", default=None, metavar="DIR",
+                   help="a checkout of jingyaogong/minimind (MiniMind-3): adds its model.generate")
+    p.add_argument("--upstream-v2", default=None, metavar="DIR",
+                   help="a MiniMind2 checkout of it (e.g. rev c090b69), for the MiniMind2 shapes")
     return p
 
 

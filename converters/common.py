@@ -1,75 +1,131 @@
-"""What every converter shares: atomic folder writing, tokenizer copying, hashing, progress lines.
+"""What every converter shares: the guards that keep a user's files safe, tokenizer copying,
+hashing, progress lines and the command-line exit status.
 
-Writers never leave a half-written folder behind: they write into a hidden temporary sibling of
-the destination and rename it into place only when everything is there.
+Every writer (to_hf, to_mlx, merge_lora, to_gguf, the MLX cache) keeps the same promises
+(README, "Safety"), each kept by one function that it calls from here:
+
+- inputs are never touched: ``check_paths`` / ``guard_output`` refuse a DST that is an input,
+  holds one, or lies inside one, on resolved paths (symlinks and ``..`` followed, hard links and
+  case-insensitive names caught by ``os.path.samefile``);
+- ``--force`` replaces only an earlier output of ours (``check_destination``, our ``MANIFEST``);
+- writes are atomic (``atomic_dir`` / ``atomic_file``), and SIGTERM, SIGHUP or Ctrl-C remove the
+  temporary and exit 143/129/130 (``handle_signals``, ``exit_status``); what a SIGKILL left is
+  removed by the next write to the same DST (``remove_stale_temps``);
+- a failed write (disk full, file-size limit) raises ``WriteError`` naming DST and the cause,
+  and leaves the previous output byte-identical with nothing beside it.
+
+The output half (destination, manifest, atomic writing, signals) lives in ``output.py`` and is
+re-exported here. A new writer does::
+
+    src, dst = check_paths(src, dst, force, inputs=(tokenizer_input(src, tokenizer), lora),
+                           folder=False)            # before reading anything
+    ...read, convert...
+    guard_output(dst, [src, tok, lora], force=force, folder=False)  # inputs found on the way
+    with atomic_file(dst, force) as tmp:            # or atomic_dir(dst, force, writer=...)
+        write(tmp)
+    # and its main(): return exit_status(lambda: convert(...))
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from minimind_core.paths import sha256_file
+from minimind_core.tokenizer import TEMPLATE_DIR, TOKENIZER_FILES
 
-# Files a tokenizer folder may hold (transformers' names); model weights and configs never match.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json",
-                   "vocab.json", "merges.txt", "tokenizer.model")
-TEMPLATE_DIR = "additional_chat_templates"
+from .output import (  # noqa: F401  (re-exported: writers import everything from common)
+    MANIFEST,
+    DestinationExistsError,
+    Interrupted,
+    RefusedError,
+    WriteError,
+    atomic_dir,
+    atomic_file,
+    check_destination,
+    display_path,
+    foreign,
+    handle_signals,
+    remove_stale_temps,
+    write_manifest,
+)
+
+EXIT_FAILED = 1   # the conversion ran and could not finish (a failed write, a missing package)
+EXIT_REFUSED = 2  # the input was refused before anything was written
 
 
-def check_paths(src: str | Path, dst: str | Path, force: bool) -> tuple[Path, Path]:
-    """The checks every converter makes before reading anything: SRC exists, DST is free (or
-    ``force``), and DST is neither SRC nor inside it. Returns both as expanded Paths."""
-    src, dst = Path(src).expanduser(), Path(dst).expanduser()
-    if not src.exists():
-        raise FileNotFoundError(f"source not found: {src} (expected a .pth/.safetensors file or "
-                                f"a model folder)")
-    if dst.exists() and not force:
-        raise FileExistsError(f"{dst} exists; pass force=True (CLI: --force) to replace it")
-    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
-        raise ValueError(f"destination {dst} is the source or inside it; pick another folder")
-    return src, dst
+# --- inputs and destinations -----------------------------------------------------------------
 
-
-@contextlib.contextmanager
-def atomic_dir(dst: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``dst``; on success it replaces ``dst`` in one rename.
-
-    An existing ``dst`` needs ``force=True`` (FileExistsError otherwise, raised before anything
-    is written). On any error, or Ctrl-C, the temporary folder is removed and ``dst`` is left as
-    it was.
-    """
-    dst = Path(dst).expanduser()
-    if (dst.exists() or dst.is_symlink()) and not force:
-        raise FileExistsError(f"{dst} exists; pass force=True (CLI: --force) to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the result is for everyone
+def _same(a: Path, b: Path) -> bool:
+    """One file or folder under two names (hard links, case-insensitive disks), or equal paths."""
     try:
-        yield tmp
-        old = None
-        if dst.is_symlink() or dst.is_file():
-            dst.unlink()
-        elif dst.exists():
-            # Move the old folder aside first, so dst never holds a mix of old and new files.
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.replace(dst, old / dst.name)
-        os.replace(tmp, dst)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return os.path.samefile(a, b)
+    except OSError:
+        return a == b
 
+
+def guard_output(dst: str | Path, inputs: Iterable[str | Path | None], *, force: bool,
+                 folder: bool = True) -> Path:
+    """Check DST against every input before anything is read or written; return DST resolved.
+
+    ``inputs``: every path the conversion reads (SRC, the tokenizer folder, a LoRA; None entries
+    are skipped). ``folder``: whether the writer writes a folder (False: one file). Raises
+    RefusedError when DST is an input, holds one or lies inside one, and whatever
+    ``check_destination`` raises.
+    """
+    raw = Path(dst).expanduser()
+    target = raw.resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        src = Path(getattr(item, "path", item)).expanduser().resolve()
+        if _same(target, src):
+            raise RefusedError(f"destination {display_path(raw)} is the input {display_path(src)};"
+                               f" write the output somewhere else")
+        if any(_same(target, p) for p in src.parents):
+            raise RefusedError(f"destination {display_path(raw)} holds the input "
+                               f"{display_path(src)}, which replacing it would delete; write the "
+                               f"output somewhere else")
+        if any(_same(p, src) for p in target.parents):
+            raise RefusedError(f"destination {display_path(raw)} lies inside the input "
+                               f"{display_path(src)}; write the output somewhere else")
+    return check_destination(raw, force, folder=folder)
+
+
+def check_paths(src: str | Path, dst: str | Path, force: bool,
+                inputs: Iterable[str | Path | None] = (), *, folder: bool = True
+                ) -> tuple[Path, Path]:
+    """The checks every converter makes before reading anything: SRC exists, and DST passes
+    ``guard_output`` against SRC and the other ``inputs`` (a tokenizer, a LoRA); ``folder``:
+    whether DST is a folder (False: one file). Returns both expanded (``~``)."""
+    src = Path(src).expanduser()
+    if not src.exists():
+        raise FileNotFoundError(f"source not found: {display_path(src)} (expected a "
+                                f".pth/.safetensors file or a model folder)")
+    guard_output(dst, [src, *inputs], force=force, folder=folder)
+    return src, Path(dst).expanduser()
+
+
+def tokenizer_input(src: str | Path, tokenizer: Any = None) -> Path | None:
+    """The tokenizer folder a conversion of ``src`` will read (the one ``find_tokenizer`` picks),
+    found by path alone, so DST can be checked against it before anything is read."""
+    from minimind_core.tokenizer import TOKENIZER_FILE, candidate_folders
+
+    if tokenizer is not None:
+        return Path(getattr(tokenizer, "path", tokenizer)).expanduser()
+    for folder in candidate_folders(src):
+        if (folder / TOKENIZER_FILE).is_file():
+            return folder
+    return None
+
+
+# --- tokenizer, hashes, progress -----------------------------------------------------------------
 
 def copy_tokenizer(tokenizer: Any, dst: str | Path) -> list[str]:
     """Copy the tokenizer files (and chat templates) of a Tokenizer or a tokenizer folder to ``dst``.
@@ -80,15 +136,18 @@ def copy_tokenizer(tokenizer: Any, dst: str | Path) -> list[str]:
     if folder.is_file():
         folder = folder.parent
     if not (folder / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{folder}: no tokenizer.json to copy; pass a tokenizer folder")
+        raise FileNotFoundError(f"{display_path(folder)}: no tokenizer.json to copy; pass a "
+                                f"tokenizer folder")
     dst = Path(dst)
     copied = []
     for name in TOKENIZER_FILES:
         if (folder / name).is_file():
-            shutil.copy2(folder / name, dst / name)
+            shutil.copyfile(folder / name, dst / name)
             copied.append(name)
     if (folder / TEMPLATE_DIR).is_dir():
-        shutil.copytree(folder / TEMPLATE_DIR, dst / TEMPLATE_DIR, dirs_exist_ok=True)
+        (dst / TEMPLATE_DIR).mkdir(exist_ok=True)
+        for file in sorted((folder / TEMPLATE_DIR).glob("*.jinja")):
+            shutil.copyfile(file, dst / TEMPLATE_DIR / file.name)
         copied.append(TEMPLATE_DIR)
     return copied
 
@@ -131,14 +190,28 @@ def folder_size(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
 
 
-def exit_status(call: Callable[[], Any]) -> int:
-    """Run a converter; a user error (bad path, existing DST, bad option) becomes one line on
-    stderr and exit status 1 instead of a traceback."""
-    try:
-        call()
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def exit_status(call: Callable[[], Any], prog: str | None = None) -> int:
+    """Run a converter for the command line; every outcome is one line on stderr, no traceback.
+
+    Refused input (a bad path or option, an existing DST, a malformed checkpoint): exit 2. A
+    failed write or a missing package: exit 1. Ctrl-C: "interrupted", 130; SIGTERM 143, SIGHUP
+    129 (temporaries removed first). ``prog`` starts each line ("minimind: error: ...").
+    """
+    lead = f"{prog}: " if prog else ""
+    with handle_signals():
+        try:
+            call()
+        except KeyboardInterrupt as e:
+            how = f" ({e.name})" if isinstance(e, Interrupted) else ""
+            print(f"{lead}interrupted{how}", file=sys.stderr)
+            return e.exit_code if isinstance(e, Interrupted) else 130
+        except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                IsADirectoryError) as e:
+            print(f"{lead}error: {e}", file=sys.stderr)
+            return EXIT_REFUSED
+        except (OSError, ImportError) as e:
+            print(f"{lead}error: {e}", file=sys.stderr)
+            return EXIT_FAILED
     return 0
 
 
@@ -153,9 +226,9 @@ def provenance(fmt: str, converter: str, config: Any, dtype: str, source: Path |
         "generation": config.generation,
         "kind": config.kind,
         "dtype": dtype,
-        "source": str(source) if source else None,
+        "source": display_path(source) if source else None,
         "source_sha256": sha256_files(files) if files else None,
-        "lora": str(lora) if lora else None,
+        "lora": display_path(lora) if lora else None,
         "config": config.to_dict() if config_dict is None else config_dict,
     }
 
@@ -174,5 +247,6 @@ def add_converter_args(parser: Any, dst_help: str) -> None:
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer folder (default: beside SRC or in upstream's model/)")
     parser.add_argument("--lora", default=None, help="an upstream LoRA file to merge first")
-    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--force", action="store_true",
+                        help="replace DST if it is an earlier output of this converter")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -11,9 +11,7 @@ upstream's scripts), or a folder (a transformers folder with config and tokenize
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from minimind_core.checkpoint import TORCH_SUFFIXES, load_checkpoint
 from minimind_core.lora import load_lora, merge_into
 
 from . import to_hf
-from .common import current_umask, exit_status
+from .common import atomic_file, check_paths, display_path, exit_status
 
 FORMATS = ("safetensors", "pth", "hf")
 # a torch file under any name the readers accept as one (.pth .pt .bin .ckpt)
@@ -50,34 +48,28 @@ def merge(base: str | Path, lora: str | Path, dst: str | Path, *, fmt: str | Non
 
     fmt: "safetensors", "pth" or "hf" (a transformers folder); default from DST's suffix.
     dtype: float32 / float16 / bfloat16, default the base file's. The LoRA is validated against
-    the base before anything is written; DST is replaced only with ``force=True``, atomically.
+    the base before anything is written. DST is never an input (or inside one); an existing DST
+    is replaced only with ``force=True`` (a file, or a folder of ours), atomically.
     """
     dst = Path(dst).expanduser()
     fmt = output_format(dst, fmt)
     to_hf.resolve_dtype(dtype)
-    if dst.exists() and not force:
-        raise FileExistsError(f"{dst} exists; pass force=True (CLI: --force) to replace it")
     if fmt == "hf":
         return to_hf.convert(base, dst, dtype=dtype, tokenizer=tokenizer, lora=lora, force=force,
                              overrides=overrides)
+    # DST is never BASE, the LoRA or inside them; an existing file needs force (common.py).
+    base, dst = check_paths(base, dst, force, inputs=(lora, tokenizer), folder=False)
     ckpt = load_checkpoint(base, **dict(overrides or {}))
     adapter = load_lora(lora, ckpt.config)
     weights = merge_into(ckpt.weights, adapter)
     out_dtype = to_hf.resolve_dtype(dtype, ckpt.file_dtype)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(dst, force) as tmp:  # a crash or a full disk leaves DST as it was
         if fmt == "safetensors":
-            meta = {"minimind_base": str(ckpt.path), "minimind_lora": str(adapter.path)}
+            meta = {"minimind_base": display_path(ckpt.path),
+                    "minimind_lora": display_path(adapter.path)}
             to_hf.write_safetensors(to_hf.hf_weights(weights), tmp, out_dtype, meta)
         else:
             _save_pth(weights, tmp, out_dtype)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600
-        os.replace(tmp, dst)  # a crash before this line leaves DST as it was
-    finally:
-        tmp.unlink(missing_ok=True)
     return dst
 
 
@@ -90,7 +82,8 @@ def _save_pth(weights: Mapping[str, Any], path: Path, dtype: str) -> None:
     torch_dtype = getattr(torch, dtype)
     state = {k: torch.from_numpy(v.copy()).to(torch_dtype) for k, v in weights.items()}
     state["lm_head.weight"] = state["model.embed_tokens.weight"]  # tied, as upstream saves it
-    torch.save(state, path)
+    with open(path, "wb") as f:  # through a Python file, so a full disk surfaces as its OSError
+        torch.save(state, f)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,11 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--format", dest="fmt", choices=FORMATS, help="override DST's suffix")
     parser.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto")
     parser.add_argument("--tokenizer", help="tokenizer folder (for a transformers folder)")
-    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--force", action="store_true",
+                        help="replace DST (a file, or a folder this converter wrote)")
     args = parser.parse_args(argv)
-    return exit_status(lambda: print("wrote", merge(
+    # One line on stderr for every failure: exit 2 refused, 1 failed, 130 Ctrl-C, 143 SIGTERM.
+    return exit_status(lambda: print("wrote", display_path(merge(
         args.base, args.lora, args.dst, fmt=args.fmt, dtype=args.dtype, tokenizer=args.tokenizer,
-        force=args.force)))
+        force=args.force)), flush=True))
 
 
 if __name__ == "__main__":

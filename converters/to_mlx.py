@@ -24,7 +24,7 @@ from minimind_core.checkpoint import load_checkpoint
 from minimind_core.config import ModelConfig, to_hf_config
 from minimind_core.dtypes import canonical_dtype
 from minimind_core.lora import MLX_ADAPTER_CONFIG, MLX_ADAPTER_FILE, LoRA, load_lora
-from minimind_core.tokenizer import Tokenizer, find_tokenizer
+from minimind_core.tokenizer import Tokenizer, check_vocab, find_tokenizer
 from minimind_core.version import __version__
 
 from .common import (
@@ -33,9 +33,12 @@ from .common import (
     atomic_dir,
     check_paths,
     copy_tokenizer,
+    display_path,
     exit_status,
     folder_size,
+    guard_output,
     provenance,
+    tokenizer_input,
 )
 
 CONVERTER_VERSION = 1
@@ -65,26 +68,33 @@ def convert(src: str | Path, dst: str | Path, *, q_bits: int | None = None, q_gr
     q_bits: 4 or 8 to quantize (None/0 = keep ``dtype``), with ``q_group_size`` 32/64/128.
     dtype: float16 (default, what mlx_lm users run), bfloat16 or float32. tokenizer: a folder;
     by default found beside the weights or in upstream's ``model/``. lora: an upstream LoRA file
-    merged (``W + B @ A``) before converting. overrides: ModelConfig fields (e.g. top-k). An
-    existing ``dst`` needs ``force=True``; the folder appears only once complete. progress:
-    one line per step on stderr. lora_adapter_out: instead of merging ``lora``, write it as an
-    mlx_lm adapter folder there (``mlx_lm.load(dst, adapter_path=lora_adapter_out)``).
+    merged (``W + B @ A``) before converting. overrides: ModelConfig fields (e.g. top-k). DST
+    is never an input, inside one or holding one; an existing ``dst`` needs ``force=True`` and
+    must be an earlier output of ours; the folder appears only once complete
+    (``common.atomic_dir``). progress: one line per step on stderr. lora_adapter_out: instead
+    of merging ``lora``, write it as an mlx_lm adapter folder there
+    (``mlx_lm.load(dst, adapter_path=lora_adapter_out)``), under the same rules.
     """
     from backends.mlx.load import build_model, check_quantization, parse_dtype, quantize
 
     # Every argument is checked before anything is read or written.
     dtype = canonical_dtype(dtype) if dtype is not None else "float16"
     bits = check_quantization(q_bits, q_group_size)
-    src, dst = check_paths(src, dst, force)
     if lora_adapter_out is not None and lora is None:
         raise ValueError("lora_adapter_out (--lora-adapter-out) needs the adapter: pass lora= (--lora)")
-    if lora_adapter_out is not None and Path(lora_adapter_out).expanduser().exists() and not force:
-        raise FileExistsError(f"{lora_adapter_out} exists; pass force=True (CLI: --force)")
+    src, dst = check_paths(src, dst, force, inputs=(tokenizer_input(src, tokenizer), lora))
+    outputs = [dst] if lora_adapter_out is None else [dst, lora_adapter_out]
+    if lora_adapter_out is not None:
+        guard_output(lora_adapter_out, [src, tokenizer, lora, dst], force=force)
+        guard_output(dst, [lora_adapter_out], force=force)
     say = Progress("to_mlx", enabled=progress)
 
-    say(f"reading {src}")
+    say(f"reading {display_path(src)}")
     ckpt = load_checkpoint(src, **dict(overrides or {}))
     tok = find_tokenizer(ckpt.path, tokenizer)
+    check_vocab(tok, ckpt.config.vocab_size)
+    for out in outputs:  # the tokenizer found is an input too
+        guard_output(out, [src, tok, lora], force=force)
     adapter = None
     if lora is not None:
         from minimind_core.lora import merge_into
@@ -100,14 +110,14 @@ def convert(src: str | Path, dst: str | Path, *, q_bits: int | None = None, q_gr
     if bits is not None:
         say(f"quantizing to {bits} bits (group size {q_group_size})")
         quantization = quantize(model, bits, q_group_size)
-    say(f"writing {dst}")
+    say(f"writing {display_path(dst)}")
     write_folder(model, dst, dtype=dtype, quantization=quantization, source=ckpt.path,
                  source_files=ckpt.files, tokenizer=tok, force=force,
                  lora=adapter.path if adapter is not None and lora_adapter_out is None else None)
     if lora_adapter_out is not None:
-        say(f"writing the mlx_lm adapter folder {lora_adapter_out}")
+        say(f"writing the mlx_lm adapter folder {display_path(lora_adapter_out)}")
         write_adapter(adapter, ckpt.config, Path(lora_adapter_out).expanduser(), force=force)
-    say.done(f"wrote {dst} ({folder_size(dst) / 1e6:.1f} MB)")
+    say.done(f"wrote {display_path(dst)} ({folder_size(dst) / 1e6:.1f} MB)")
     return dst
 
 
@@ -115,12 +125,13 @@ def write_folder(model: Any, dst: Path, *, dtype: str, quantization: Mapping[str
                  source: Path | None = None, source_files: Sequence[Path] = (),
                  tokenizer: Tokenizer | None = None, force: bool = False,
                  lora: Path | None = None) -> Path:
-    """Write an MLX model (``backends.mlx.model.Model``) as a folder, atomically."""
+    """Write an MLX model (``backends.mlx.model.Model``) as a folder, atomically
+    (``common.atomic_dir``: ``force`` replaces only an earlier output of ours)."""
     from backends.mlx.load import save_weights
 
     config = mlx_config(model.args, dtype, quantization=quantization, source=source,
                         source_files=source_files, lora=lora)
-    with atomic_dir(dst, force) as tmp:
+    with atomic_dir(dst, force, writer="converters.to_mlx") as tmp:
         save_weights(model, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                          encoding="utf-8")
@@ -128,7 +139,7 @@ def write_folder(model: Any, dst: Path, *, dtype: str, quantization: Mapping[str
             copy_tokenizer(tokenizer, tmp)
             write_chat_template(tmp, mlx_chat_template(tokenizer.chat_template))
         if config["model_type"] == "minimind":
-            (tmp / "README.md").write_text(MINIMIND2_MOE_NOTE.format(name=Path(dst).name),
+            (tmp / "README.md").write_text(MINIMIND2_MOE_NOTE.format(name=display_path(Path(dst).name)),
                                            encoding="utf-8")
     return dst
 
@@ -186,7 +197,7 @@ def write_adapter(lora: str | Path | LoRA, config: ModelConfig, dst: str | Path,
 
     lora = load_lora(lora, config)
     tensors, adapter_config = adapter_folder_contents(lora, config)
-    with atomic_dir(dst, force) as tmp:
+    with atomic_dir(dst, force, writer="converters.to_mlx") as tmp:
         mx.save_safetensors(str(tmp / MLX_ADAPTER_FILE), {k: mx.array(v) for k, v in tensors.items()},
                             metadata={"format": "mlx"})
         (tmp / MLX_ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n",
@@ -237,7 +248,7 @@ def configure_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run a parsed command line; errors are one line on stderr and exit status 1."""
+    """Run a parsed command line; errors are one line on stderr (exit 2 refused, 1 failed)."""
     return exit_status(lambda: convert(
         args.src, args.dst, q_bits=args.q_bits or None, q_group_size=args.q_group_size,
         dtype=args.dtype, tokenizer=args.tokenizer, lora=args.lora, force=args.force,

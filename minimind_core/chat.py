@@ -335,6 +335,9 @@ class ChatFormatter:
                       "model may not know (give a tokenizer with a chat template, or send raw "
                       "prompts)", stacklevel=5)
             return render_fallback(msgs, add_generation_prompt)
+        if not template.strip():
+            raise ValueError(f"the chat template of {self.tokenizer.path} is empty; give a "
+                             "template, or remove it to use the plain 'User: ...' prompt")
         try:
             return render_template(template, msgs, add_generation_prompt=add_generation_prompt,
                                    tools=tools, documents=documents,
@@ -382,6 +385,9 @@ class ChatFormatter:
             text = self._render(_join(head, turns, current), add_generation_prompt, tools,
                                 dict(template_kwargs))
             ids = self.tokenizer.encode(text)
+            if not ids:  # nothing to prefill: the model could not start
+                raise ValueError(f"the chat template of {self.tokenizer.path} renders these "
+                                 "messages as an empty prompt; check the template")
             if limit is None or len(ids) <= limit:
                 return ids
             if not turns:

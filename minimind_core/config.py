@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -26,6 +27,10 @@ YARN_DEFAULTS: dict[str, Any] = {
     "beta_slow": 1,
     "attention_factor": 1.0,
 }
+
+# The largest context window accepted (positions). Released models have 32768 (YaRN: 16 x 2048);
+# the KV cache and RoPE tables grow with it, so a config.json saying 1e12 is refused, not allocated.
+MAX_CONTEXT = 1 << 20
 
 # What the weights cannot tell, per generation (FORMATS.md).
 GENERATION_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -86,20 +91,13 @@ class ModelConfig:
 
     def _validate(self) -> None:
         """Reject settings no MiniMind model can have, with the field named (overrides land here)."""
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
-                     "max_position_embeddings"):
-            value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("num_experts", "n_shared_experts"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        for name in ("rms_norm_eps", "rope_theta"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Real) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        for f in fields(self):
+            if f.name not in ("generation", "extra", "rope_scaling"):
+                check_field(f.name, getattr(self, f.name))
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(self, name) >= self.vocab_size:
+                raise ValueError(f"{name}={getattr(self, name)} is outside the vocabulary "
+                                 f"(vocab_size={self.vocab_size})")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
@@ -112,6 +110,8 @@ class ModelConfig:
                                     scaling.get("type", scaling.get("rope_type")) != "yarn"):
             raise ValueError(f"rope_scaling must be upstream's YaRN block ({{'type': 'yarn', "
                              f"'factor': 16, ...}}), got {scaling!r}")
+        if scaling is not None:
+            check_yarn({**YARN_DEFAULTS, **scaling})
 
     # --- derived facts -------------------------------------------------------------------
     @property
@@ -195,6 +195,50 @@ class ModelConfig:
 
 _FIELD_NAMES = {f.name for f in fields(ModelConfig)}
 
+# --- value checks (one rule per field, for overrides, config.json and direct construction) -----
+
+_POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "head_dim", "intermediate_size", "vocab_size", "max_position_embeddings")
+# (num_experts_per_tok: its range, 1..num_experts, is checked with the experts.)
+_COUNTS = ("num_experts", "n_shared_experts", "num_experts_per_tok", "bos_token_id",
+           "eos_token_id", "pad_token_id")
+_BOOLS = ("tie_word_embeddings", "norm_topk_prob", "inference_rope_scaling")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_field(name: str, value: Any) -> None:
+    """Raise ValueError naming ``name`` when ``value`` is of the wrong type or out of range."""
+    if name in _POSITIVE_INTS and (not _is_int(value) or value <= 0):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if name in _COUNTS and (not _is_int(value) or value < 0):
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    if name in _BOOLS and not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if name == "rms_norm_eps" and (not _is_real(value) or value <= 0):
+        raise ValueError(f"rms_norm_eps must be a positive number (and finite), got {value!r}")
+    if name == "rope_theta" and (not _is_real(value) or value <= 1):
+        raise ValueError(f"rope_theta must be a positive number above 1 (a RoPE base; every "
+                         f"release uses 1e6), got {value!r}")
+    if name == "max_position_embeddings" and value > MAX_CONTEXT:
+        raise ValueError(f"max_position_embeddings={value} is above the {MAX_CONTEXT} positions "
+                         f"minimind-core supports (the KV cache and RoPE tables grow with it; "
+                         f"MiniMind releases have 32768); fix config.json or pass "
+                         f"max_position_embeddings=N (CLI: --max-position-embeddings N)")
+
+
+def check_yarn(yarn: Mapping[str, Any]) -> None:
+    """YaRN parameters that the formula (rope.py) can use: each finite and positive."""
+    for key in ("factor", "beta_fast", "beta_slow", "attention_factor"):
+        if not _is_real(yarn.get(key)) or yarn[key] <= 0:
+            raise ValueError(f"rope_scaling {key} must be a positive number, got {yarn.get(key)!r}")
+    orig = yarn.get("original_max_position_embeddings")
+    if not _is_int(orig) or not 0 < orig <= MAX_CONTEXT:
+        raise ValueError(f"rope_scaling original_max_position_embeddings must be an integer from 1 "
+                         f"to {MAX_CONTEXT}, got {orig!r}")
+
 # Names used by upstream's MiniMindConfig, transformers configs and eval_llm.py flags.
 FIELD_ALIASES = {
     "n_routed_experts": "num_experts",
@@ -229,7 +273,9 @@ def config_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
     Only what tensor shapes cannot tell matters here (heads, top-k, eps, theta, YaRN); shapes win
     over anything else a config file says.
     """
-    out = _known_fields(data, strict=False)
+    if not isinstance(data, Mapping):
+        raise ValueError(f"config.json must hold a JSON object, not a {type(data).__name__}")
+    out = {k: v for k, v in _known_fields(data, strict=False).items() if v is not None}
     model_type = data.get("model_type")
     if model_type in ("qwen3", "qwen3_moe"):
         out["generation"] = MINIMIND3
@@ -237,12 +283,23 @@ def config_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
         out["generation"] = MINIMIND2
     elif out.get("generation") not in GENERATIONS:
         out.pop("generation", None)
-    if "use_moe" in data and not data["use_moe"]:
-        out["num_experts"] = 0
+    use_moe = data.get("use_moe")
+    if use_moe is not None and not isinstance(use_moe, bool):
+        raise ValueError(f"use_moe must be true or false, got {use_moe!r}")
+    if use_moe is False:  # upstream keeps its MoE defaults (4 experts, 1 shared) in dense configs
+        out["num_experts"] = out["n_shared_experts"] = 0
+    # MoE: the experts' width; dense: intermediate_size (upstream writes both, equal by default)
+    moe = use_moe is True or model_type == "qwen3_moe"
+    width = data.get("moe_intermediate_size") if moe else data.get("intermediate_size")
+    if width is not None:
+        out["intermediate_size"] = width
+    for key, value in out.items():
+        check_field(key, value)
     scaling = data.get("rope_scaling")
     if isinstance(scaling, Mapping) and scaling.get("type", scaling.get("rope_type")) == "yarn":
         # upstream writes rope_scaling only when inference_rope_scaling is on
         out["rope_scaling"] = {**YARN_DEFAULTS, **scaling}
+        check_yarn(out["rope_scaling"])
         out.setdefault("inference_rope_scaling", True)
     else:
         out.pop("rope_scaling", None)
@@ -263,41 +320,44 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], hints: Mapping[str, Any]
     if emb_key not in shapes:
         raise ValueError("no 'model.embed_tokens.weight' or 'lm_head.weight' in the checkpoint: "
                          "it is not a MiniMind model state dict")
-    vocab, hidden = shapes[emb_key]
-    layer_ids = {int(k.split(".")[2]) for k in shapes if k.startswith("model.layers.")}
+    vocab, hidden = _shape(shapes, emb_key, 2)
+    layer_ids = {int(m.group(1)) for k in shapes if (m := _LAYER.match(k))}
     layers = len(layer_ids)
     if layers == 0:
         raise ValueError("no 'model.layers.N.*' keys in the checkpoint: it is not a MiniMind model")
     if layer_ids != set(range(layers)):
-        missing = sorted(set(range(max(layer_ids) + 1)) - layer_ids)
-        raise ValueError(f"checkpoint layers are not contiguous: layer(s) {missing[:5]} missing")
+        missing = [i for i in range(layers + 5) if i not in layer_ids][:5]
+        raise ValueError(f"checkpoint layers are not contiguous: layer(s) {missing} missing")
 
     p = "model.layers.0."
     generation = MINIMIND3 if p + "self_attn.q_norm.weight" in shapes else MINIMIND2
     defaults = GENERATION_DEFAULTS[generation]
-    q_out = _shape(shapes, p + "self_attn.q_proj.weight")[0]
-    k_out = _shape(shapes, p + "self_attn.k_proj.weight")[0]
+    q_out = _shape(shapes, p + "self_attn.q_proj.weight", 2)[0]
+    k_out = _shape(shapes, p + "self_attn.k_proj.weight", 2)[0]
     if generation == MINIMIND3:
-        head_dim = shapes[p + "self_attn.q_norm.weight"][0]
+        head_dim = _shape(shapes, p + "self_attn.q_norm.weight", 1)[0]
+        if head_dim == 0 or q_out % head_dim:
+            raise ValueError(f"q_proj width {q_out} is not a multiple of the q_norm width "
+                             f"{head_dim} ({p}self_attn.q_norm.weight)")
         heads = q_out // head_dim
     else:
         heads = overrides.get("num_attention_heads", hints.get("num_attention_heads",
                                                                  defaults["num_attention_heads"]))
+        check_field("num_attention_heads", heads)
         if q_out % heads:
             raise ValueError(f"num_attention_heads={heads} does not divide the q_proj width {q_out} "
                              f"({p}self_attn.q_proj.weight); pass num_attention_heads=<divisor>")
         head_dim = q_out // heads
-    if k_out % head_dim:
+    if k_out % head_dim or k_out == 0:
         raise ValueError(f"k_proj width {k_out} is not a multiple of head_dim {head_dim}")
 
-    experts = sorted({int(k.split(".")[5]) for k in shapes
-                      if k.startswith(p + "mlp.experts.") and k.split(".")[5].isdigit()})
-    shared = sorted({int(k.split(".")[5]) for k in shapes if k.startswith(p + "mlp.shared_experts.")})
+    experts = sorted({int(m.group(1)) for k in shapes if (m := _EXPERT.match(k))})
+    shared = sorted({int(m.group(1)) for k in shapes if (m := _SHARED.match(k))})
     if experts:
-        ffn = _shape(shapes, p + "mlp.experts.0.gate_proj.weight")[0]
-        n_experts = _shape(shapes, p + "mlp.gate.weight")[0]
+        ffn = _shape(shapes, p + "mlp.experts.0.gate_proj.weight", 2)[0]
+        n_experts = _shape(shapes, p + "mlp.gate.weight", 2)[0]
     else:
-        ffn = _shape(shapes, p + "mlp.gate_proj.weight")[0]
+        ffn = _shape(shapes, p + "mlp.gate_proj.weight", 2)[0]
         n_experts = 0
 
     from_shapes = {
@@ -321,6 +381,14 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], hints: Mapping[str, Any]
                 continue  # heads are a free choice in MiniMind2 (checked above)
             raise ValueError(f"{key}={value!r} contradicts the checkpoint, whose tensors give "
                              f"{key}={from_shapes[key]!r}; drop the override or pick the matching file")
+    # A config file that contradicts the weights belongs to another model: never drop it silently.
+    for key, value in hints.items():
+        if (key in from_shapes and key not in overrides and key != "tie_word_embeddings"
+                and value != from_shapes[key]
+                and not (key == "num_attention_heads" and generation == MINIMIND2)):
+            raise ValueError(f"its config.json says {key}={value!r} but the weights give "
+                             f"{key}={from_shapes[key]!r}; the config belongs to another model: fix "
+                             f"or remove it")
     settings: dict[str, Any] = {k: v for k, v in defaults.items() if k != "num_attention_heads"}
     settings.update({k: v for k, v in hints.items() if k not in from_shapes})
     settings.update(from_shapes)
@@ -330,9 +398,17 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], hints: Mapping[str, Any]
     return ModelConfig(**settings)
 
 
-def _shape(shapes: Mapping[str, tuple[int, ...]], key: str) -> tuple[int, ...]:
+_LAYER = re.compile(r"^model\.layers\.(\d{1,9})\.")
+_EXPERT = re.compile(r"^model\.layers\.0\.mlp\.experts\.(\d{1,9})\.")
+_SHARED = re.compile(r"^model\.layers\.0\.mlp\.shared_experts\.(\d{1,9})\.")
+
+
+def _shape(shapes: Mapping[str, tuple[int, ...]], key: str, ndim: int) -> tuple[int, ...]:
     if key not in shapes:
         raise ValueError(f"missing key {key!r} in the checkpoint")
+    if len(shapes[key]) != ndim:
+        raise ValueError(f"{key} has shape {list(shapes[key])}; a MiniMind model has a "
+                         f"{ndim}-dimensional tensor there")
     return shapes[key]
 
 
@@ -344,11 +420,9 @@ def hf_model_type(config: ModelConfig) -> str:
             "minimind2-moe": "minimind"}[config.kind]
 
 
-def to_hf_config(config: ModelConfig) -> dict[str, Any]:
-    """A transformers-style config.json dict (Llama / Qwen3 / Qwen3-MoE / upstream minimind)."""
-    model_type = hf_model_type(config)
-    out: dict[str, Any] = {
-        "model_type": model_type,
+def hf_common_fields(config: ModelConfig) -> dict[str, Any]:
+    """The config.json fields every exported architecture shares (sizes, eps, theta, ids)."""
+    return {
         "hidden_size": config.hidden_size,
         "num_hidden_layers": config.num_hidden_layers,
         "num_attention_heads": config.num_attention_heads,
@@ -367,6 +441,12 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
         "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id,
     }
+
+
+def to_hf_config(config: ModelConfig) -> dict[str, Any]:
+    """A transformers-style config.json dict (Llama / Qwen3 / Qwen3-MoE / upstream minimind)."""
+    model_type = hf_model_type(config)
+    out: dict[str, Any] = {"model_type": model_type, **hf_common_fields(config)}
     if model_type == "llama":
         out["architectures"] = ["LlamaForCausalLM"]
     elif model_type == "qwen3":

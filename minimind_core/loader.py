@@ -42,6 +42,8 @@ def load(path: str | Path | None = None, backend: str = "auto", device: str | No
         from .demo import demo_model_path
 
         path = demo_model_path()
+    from .tokenizer import check_vocab
+
     engine_cls = backends.get(backend)
     engine = engine_cls.load(path, device=device, dtype=dtype, tokenizer=tokenizer, lora=lora,
                              **overrides)
@@ -49,4 +51,5 @@ def load(path: str | Path | None = None, backend: str = "auto", device: str | No
         held = "a MoE model" if engine.config.use_moe else "a dense model (no experts)"
         raise ValueError(f"use_moe={use_moe!r}, but {path} holds {held}; drop use_moe (the "
                          f"weights decide) or load the {'dense' if use_moe else '_moe'} file")
+    check_vocab(engine.tokenizer, engine.config.vocab_size)  # ids past the embedding: refuse now
     return engine

@@ -16,13 +16,21 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .adapter import LoRA, LoraError, lora_delta, merge_into
-from .checkpoint import expected_shapes, read_tensor_file, strip_prefixes
+from .checkpoint import (
+    Bf16,
+    CheckpointError,
+    check_finite,
+    expected_shapes,
+    read_tensor_file,
+    strip_prefixes,
+)
 from .config import ModelConfig
 
 __all__ = ["LoRA", "LoraError", "load_lora", "lora_delta", "merge_into", "read_lora",
@@ -83,8 +91,19 @@ def read_lora(path: str | Path) -> LoRA:
             raise LoraError(f"{path}: LoRA module {name} has A {list(a.shape)} and B "
                             f"{list(b.shape)}; expected A [rank, in] and B [out, rank]")
         modules[name] = (a, b)
+    _check_finite(modules, path)
     file_dtype = dtypes.pop() if len(dtypes) == 1 else "mixed"
     return LoRA(modules, path, file_dtype)
+
+
+def _check_finite(modules: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
+    """A NaN or an infinity in A or B would turn every output of that module into garbage."""
+    tensors = {f"{name}.lora.{part}.weight": arr for name, pair in modules.items()
+               for part, arr in zip("AB", pair)}
+    try:
+        check_finite(tensors, path, what="LoRA tensor")
+    except CheckpointError as e:
+        raise LoraError(str(e)) from None
 
 
 def _read_mlx_adapter(folder: Path) -> LoRA:
@@ -92,33 +111,52 @@ def _read_mlx_adapter(folder: Path) -> LoRA:
     if not weights_file.is_file() or not config_file.is_file():
         raise LoraError(f"{folder}: a folder, but not an mlx_lm adapter folder (needs "
                         f"{MLX_ADAPTER_FILE} and {MLX_ADAPTER_CONFIG}); pass a LoRA .pth file")
-    cfg = json.loads(config_file.read_text(encoding="utf-8"))
+    try:
+        cfg = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise LoraError(f"{config_file}: not valid JSON ({str(e)[:120]})") from None
+    if not isinstance(cfg, dict):
+        raise LoraError(f"{config_file}: must hold a JSON object, not a {type(cfg).__name__}")
     if cfg.get("fine_tune_type", "lora") != "lora":
         raise LoraError(f"{folder}: fine_tune_type {cfg.get('fine_tune_type')!r} is not supported "
                         f"(only plain 'lora')")
     params = cfg.get("lora_parameters", {})
-    scale = float(params.get("scale", 20.0))  # mlx_lm's default scale
+    scale = params.get("scale", 20.0) if isinstance(params, dict) else None  # mlx_lm's default
+    if (not isinstance(scale, (int, float)) or isinstance(scale, bool)
+            or not np.isfinite(scale)):
+        raise LoraError(f"{config_file}: lora_parameters.scale must be a finite number, got "
+                        f"{scale!r}")
+    try:
+        raw = read_tensor_file(weights_file)
+    except ValueError as e:
+        raise LoraError(f"cannot read the LoRA file: {e}") from None
     parts: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in read_tensor_file(weights_file).items():
+    for key, value in raw.items():
         m = _MLX_KEY.match(key)
         if not m:
             raise LoraError(f"{weights_file}: unexpected key {key!r} (only lora_a/lora_b supported)")
-        parts.setdefault(m["module"], {})[m["part"]] = np.asarray(value, dtype=np.float32)
+        parts.setdefault(m["module"], {})[m["part"]] = _as_float32(value)[0]
     modules = {}
     for name in sorted(parts, key=_natural):
         got = parts[name]
         if set(got) != {"lora_a", "lora_b"}:
             raise LoraError(f"{weights_file}: module {name} lacks lora_a or lora_b")
-        modules[name] = (np.ascontiguousarray(got["lora_a"].T),
-                         np.ascontiguousarray(scale * got["lora_b"].T))
+        a, b = got["lora_a"], got["lora_b"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+            raise LoraError(f"{weights_file}: module {name} has lora_a {list(a.shape)} and lora_b "
+                            f"{list(b.shape)}; expected [in, rank] and [rank, out]")
+        modules[name] = (np.ascontiguousarray(a.T), np.ascontiguousarray(scale * b.T))
     if not modules:
         raise LoraError(f"{weights_file}: holds no LoRA tensors")
+    _check_finite(modules, weights_file)
     return LoRA(modules, folder, "float32", meta={"mlx_adapter_config": cfg})
 
 
 def _as_float32(value: Any) -> tuple[np.ndarray, str]:
     if isinstance(value, np.ndarray):
         return value.astype(np.float32), str(value.dtype)
+    if isinstance(value, Bf16):
+        return value.to_f32(), "bfloat16"
     dtype = str(value.dtype).removeprefix("torch.")
     return value.detach().float().numpy(), dtype
 

@@ -29,6 +29,7 @@ class SamplingParams:
     repetition_context_size: int | None = 64
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None  # None: off; N >= 0: each token's logprob and the N likeliest
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -50,6 +51,10 @@ class SamplingParams:
                f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty!r}")
         _check(self.repetition_context_size is None or self.repetition_context_size > 0,
                f"repetition_context_size must be > 0 or None, got {self.repetition_context_size!r}")
+        _check(self.logprobs is None or (isinstance(self.logprobs, int)
+                                         and not isinstance(self.logprobs, bool)
+                                         and 0 <= self.logprobs <= 20),
+               f"logprobs must be an integer from 0 to 20 (or None = off), got {self.logprobs!r}")
         _check(all(isinstance(s, str) and s for s in self.stop),
                f"stop must be non-empty strings, got {self.stop!r}")
 
@@ -124,6 +129,17 @@ class StreamChunk:
     time_to_first_token: float | None = None
     tokens_per_second: float | None = None
     token_ids: list[int] | None = None  # every generated id (final chunk only)
+    logprobs: list[TokenLogprob] | None = None  # with SamplingParams.logprobs: per token of text
+
+
+@dataclass
+class TokenLogprob:
+    """log-softmax of the float32 logits at one position: the token's, and the ``top`` likeliest
+    ``(token id, logprob)`` pairs (most likely first)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -137,6 +153,7 @@ class GenerationResult:
     completion_tokens: int = 0
     time_to_first_token: float = 0.0
     tokens_per_second: float = 0.0
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def usage(self) -> Usage:

@@ -21,12 +21,17 @@ from typing import Any
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _Backend
 
-__all__ = ["Tokenizer", "TokenizerNotFoundError", "candidate_folders", "find_tokenizer"]
+__all__ = ["Tokenizer", "TokenizerNotFoundError", "candidate_folders", "check_vocab",
+           "find_tokenizer"]
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
 TEMPLATE_DIR = "additional_chat_templates"
+# Every file a tokenizer folder may hold (transformers' names), what converters copy.
+TOKENIZER_FILES = (TOKENIZER_FILE, CONFIG_FILE, "special_tokens_map.json", "added_tokens.json",
+                   TEMPLATE_FILE, "chat_template.json", "vocab.json", "merges.txt",
+                   "tokenizer.model")
 
 # The named special tokens transformers knows (PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES).
 _NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
@@ -68,6 +73,15 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+    except RecursionError:
+        raise ValueError(f"{path} is not a tokenizer file: its JSON is nested too deeply") from None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: {e}") from None
 
 
 def _clean_up_tokenization(text: str) -> str:
@@ -99,8 +113,11 @@ class Tokenizer:
         self.path: Path = folder
         try:
             self._backend = _Backend.from_file(str(tok_file))
-        except Exception as e:  # tokenizers raises a bare Exception on bad input
-            raise ValueError(f"could not load {tok_file}: {e}") from e
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # a bare Exception on bad input; a Rust panic is a BaseException
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(f"could not load {tok_file}: {first}") from None
         cfg_file = folder / CONFIG_FILE
         config = _read_json(cfg_file) if cfg_file.is_file() else {}
         if not isinstance(config, dict):
@@ -115,6 +132,11 @@ class Tokenizer:
             or bool(config.get(
                 "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")))
         self._templates = self._load_templates(folder, config)
+        empty = sorted(name for name, text in self._templates.items() if not text.strip())
+        if empty:
+            raise ValueError(f"{folder}: the chat template {empty[0]!r} is empty; give a template, "
+                             f"or remove the chat_template key (then the plain 'User: ...' "
+                             f"prompt is used)")
 
     @classmethod
     def from_folder(cls, path: str | Path) -> Tokenizer:
@@ -183,10 +205,10 @@ class Tokenizer:
         # As in transformers, template files override the config's chat_template.
         files: dict[str, str] = {}
         if (folder / TEMPLATE_FILE).is_file():
-            files["default"] = (folder / TEMPLATE_FILE).read_text(encoding="utf-8")
+            files["default"] = _read_text(folder / TEMPLATE_FILE)
         if (folder / TEMPLATE_DIR).is_dir():
             for file in sorted((folder / TEMPLATE_DIR).glob("*.jinja")):
-                files[file.stem] = file.read_text(encoding="utf-8")
+                files[file.stem] = _read_text(file)
         return files or templates
 
     # -- special tokens --------------------------------------------------------------------
@@ -298,6 +320,15 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
+    """Raise ValueError when the tokenizer has ids the model has no embedding for."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"the tokenizer in {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's "
+            f"vocabulary has {vocab_size}: it belongs to another model; pass the model's own "
+            f"tokenizer (tokenizer=PATH, CLI: --tokenizer PATH)")
 
 
 def _tokenizer_folder(path: Path) -> Path:

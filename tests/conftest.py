@@ -4,6 +4,7 @@ format (``out/full_sft_<hidden>[_moe].pth`` with the tokenizer in a sibling ``mo
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,31 @@ import pytest
 from minimind_core.checkpoint import expected_shapes
 from minimind_core.config import MINIMIND2, MINIMIND3, ModelConfig
 
+# The ONE place under tests/ that reaches the shared folder beside the repo (upstream's real
+# tokenizers, never copied into it); every test reaches it through the ``real_tokenizer``
+# fixture, and test_self_contained.py holds every other test file to that (OUTSIDE_MARKERS).
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+TOKENIZERS = SHARED / "minimind-tokenizers"
+# What naming that folder looks like in a test file: its name as a path part or string, the
+# names above, or climbing from __file__ past the repo root.
+OUTSIDE_MARKERS = (
+    r"minimind-tokenizers",
+    r"""["']shared["']""",
+    r"\bshared/",
+    r"\bSHARED\b",
+    r"\bTOKENIZERS\b",
+    r"__file__.*\.parents\[[2-9]\]",
+    r"__file__.*(\.parent){3}",
+    r"\bROOT\.parent\b",
+)
+
+
+def shared_folder_mentions(text: str) -> list[str]:
+    """The lines of ``text`` that name the shared folder (any of OUTSIDE_MARKERS)."""
+    import re
+
+    patterns = [re.compile(m) for m in OUTSIDE_MARKERS]
+    return [line.strip() for line in text.splitlines() if any(p.search(line) for p in patterns)]
 
 
 def pytest_configure(config) -> None:
@@ -24,31 +49,43 @@ def pytest_configure(config) -> None:
         return
     torch.set_num_threads(1)
 
-TOKENIZERS = SHARED / "minimind-tokenizers"
 
-def real_tokenizer_dir(name: str) -> Path:
-    """A real MiniMind tokenizer from ../shared ("minimind2" or "minimind3"), or skip."""
-    path = TOKENIZERS / name
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"real tokenizer not available at {path}")
-    return path
+@dataclass(frozen=True)
+class RealTokenizers:
+    """Upstream's real tokenizers: ``real_tokenizer(name)`` is the folder of "minimind2" or
+    "minimind3" (the test skips where it is absent); ``real_tokenizer.copy(...)`` is a writable
+    copy."""
+
+    root: Path
+
+    def __call__(self, name: str) -> Path:
+        path = self.root / name
+        if not (path / "tokenizer.json").is_file():
+            pytest.skip(f"real tokenizer {name!r} not available at {path} (upstream's tokenizers "
+                        f"go in ../shared/minimind-tokenizers beside the repo)")
+        return path
+
+    def copy(self, dst: Path, name: str = "minimind3", **config_changes) -> Path:
+        """A writable copy of tokenizer ``name`` in ``dst``; None values delete config keys."""
+        import shutil
+
+        src = self(name)
+        dst.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / "tokenizer.json", dst / "tokenizer.json")
+        config = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
+        for key, value in config_changes.items():
+            if value is None:
+                config.pop(key, None)
+            else:
+                config[key] = value
+        (dst / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+        return dst
 
 
-def real_tokenizer_copy(dst: Path, name: str = "minimind3", **config_changes) -> Path:
-    """A writable copy of a real tokenizer in ``dst``; None values delete config keys."""
-    import shutil
-
-    src = real_tokenizer_dir(name)
-    dst.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src / "tokenizer.json", dst / "tokenizer.json")
-    config = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
-    for key, value in config_changes.items():
-        if value is None:
-            config.pop(key, None)
-        else:
-            config[key] = value
-    (dst / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    return dst
+@pytest.fixture(scope="session")
+def real_tokenizer() -> RealTokenizers:
+    """The only way a test reaches upstream's real tokenizers (see RealTokenizers)."""
+    return RealTokenizers(TOKENIZERS)
 
 
 _HF_TOKENIZERS: dict[str, object] = {}

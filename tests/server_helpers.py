@@ -17,6 +17,7 @@ import numpy as np
 from conftest import CHATML, build_tokenizer, tiny_config
 
 from minimind_core.engine import Engine
+from minimind_core.slots import Slots
 from minimind_core.tokenizer import Tokenizer
 
 # ChatML plus the two template features the server relies on: tool definitions and
@@ -88,31 +89,39 @@ class ScriptedEngine(Engine):
         user = last_user_text(prompt_text)
         return self.replies.get(user, f"echo: {user}")
 
-    def _steps(self, prompts, params):
+    def _new_cache(self, slots, max_len):
+        self.scripts: dict[int, tuple] = {}
+        return Slots(slots, max_len)
+
+    def _prefill(self, cache, slot, ids):
         eos = self.tokenizer.eos_token_id
-        scripts, records = [], []
-        for ids in prompts:
-            text = self.tokenizer.decode(ids, skip_special_tokens=False)
-            reply = self.reply_for(text)
-            record = {"prompt": text, "tokens": 0}
-            self.generations.append(record)
-            records.append(record)
-            if reply is ENDLESS:
-                scripts.append(itertools.cycle(self.tokenizer.encode(" la")))
-            else:
-                scripts.append(itertools.chain(self.tokenizer.encode(reply), itertools.repeat(eos)))
-        while True:
-            if self.delay:
-                time.sleep(self.delay)
-            for record in records:
-                record["tokens"] += 1
-            yield np.array([next(s) for s in scripts], dtype=np.int64)
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        reply = self.reply_for(text)
+        record = {"prompt": text, "tokens": 0}
+        self.generations.append(record)
+        if reply is ENDLESS:
+            script = itertools.cycle(self.tokenizer.encode(" la"))
+        else:
+            script = itertools.chain(self.tokenizer.encode(reply), itertools.repeat(eos))
+        self.scripts[slot] = (script, record)
+        cache.lengths[slot] = len(ids)
+        return self._next(slot)
 
-    def _prefill(self, prompts, max_len):  # pragma: no cover - _steps replaces the loop
-        raise NotImplementedError
+    def _next(self, slot):
+        if self.delay:
+            time.sleep(self.delay)
+        script, record = self.scripts[slot]
+        record["tokens"] += 1
+        logits = np.zeros(self.config.vocab_size, np.float32)
+        logits[next(script)] = 1.0
+        return logits
 
-    def _decode(self, tokens):  # pragma: no cover
-        raise NotImplementedError
+    def _decode_step(self, cache, slots, tokens):
+        cache.lengths[slots] += 1
+        return np.stack([self._next(s) for s in slots])
+
+    def _sample(self, logits, rows):  # the script's token, whatever the sampling parameters
+        return np.asarray(logits).argmax(axis=-1)
 
     def _logits(self, ids):  # pragma: no cover
         raise NotImplementedError

@@ -10,7 +10,7 @@ import copy
 from datetime import datetime
 
 import pytest
-from conftest import hf_tokenizer, real_tokenizer_copy, real_tokenizer_dir
+from conftest import hf_tokenizer
 
 from minimind_core.chat import (
     ChatFormatter,
@@ -72,22 +72,24 @@ KWARGS = {"minimind2": [{}, {"enable_thinking": False}, {"enable_thinking": True
 CASES = [(name, conv, kw) for name, kws in KWARGS.items() for conv in CONVS for kw in kws]
 
 
-def formatter(name: str, **kw) -> ChatFormatter:
-    return ChatFormatter(Tokenizer(real_tokenizer_dir(name)), **kw)
+@pytest.fixture
+def formatter(real_tokenizer):
+    """formatter(name, **kw): a ChatFormatter over upstream's real tokenizer ``name``."""
+    return lambda name, **kw: ChatFormatter(Tokenizer(real_tokenizer(name)), **kw)
 
 
 @pytest.fixture
-def plain(tmp_path) -> ChatFormatter:
+def plain(real_tokenizer, tmp_path) -> ChatFormatter:
     """A formatter whose tokenizer has no chat template."""
-    return ChatFormatter(Tokenizer(real_tokenizer_copy(tmp_path / "plain", chat_template=None)))
+    return ChatFormatter(Tokenizer(real_tokenizer.copy(tmp_path / "plain", chat_template=None)))
 
 
 # -- parity with transformers --------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name,conv,kw", CASES)
-def test_render_and_encode_match_transformers(name, conv, kw):
-    hf = hf_tokenizer(real_tokenizer_dir(name))
+def test_render_and_encode_match_transformers(real_tokenizer, formatter, name, conv, kw):
+    hf = hf_tokenizer(real_tokenizer(name))
     fmt = formatter(name)
     messages = CONVS[conv]
     tools = TOOLS if conv in TOOL_CONVS else None
@@ -100,8 +102,9 @@ def test_render_and_encode_match_transformers(name, conv, kw):
 
 
 @pytest.mark.parametrize("name", ["minimind2", "minimind3"])
-def test_without_generation_prompt_and_with_tools_but_no_tool_calls(name):
-    hf, fmt = hf_tokenizer(real_tokenizer_dir(name)), formatter(name)
+def test_without_generation_prompt_and_with_tools_but_no_tool_calls(real_tokenizer, formatter,
+                                                                    name):
+    hf, fmt = hf_tokenizer(real_tokenizer(name)), formatter(name)
     for conv in ("multi_turn", "single_user"):
         msgs = CONVS[conv]
         expected = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
@@ -111,7 +114,7 @@ def test_without_generation_prompt_and_with_tools_but_no_tool_calls(name):
         assert fmt.render(msgs, tools=TOOLS) == expected
 
 
-def test_template_specifics_are_really_exercised():
+def test_template_specifics_are_really_exercised(formatter):
     # Guards the parity cases above against comparing two equally wrong renderings.
     user = CONVS["single_user"]
     m2, m3 = formatter("minimind2"), formatter("minimind3")
@@ -131,7 +134,7 @@ def test_template_specifics_are_really_exercised():
     assert "<tool_response>\n" + '{"temp": 21, "sky": "晴"}' in tool
 
 
-def test_text_parts_are_joined():
+def test_text_parts_are_joined(formatter):
     fmt = formatter("minimind3")
     parts = [{"role": "user", "content": [{"type": "text", "text": "Hello, "},
                                           {"type": "text", "text": "世界"}]}]
@@ -140,8 +143,8 @@ def test_text_parts_are_joined():
     assert isinstance(parts[0]["content"], list)
 
 
-def test_default_system():
-    hf = hf_tokenizer(real_tokenizer_dir("minimind3"))
+def test_default_system(real_tokenizer, formatter):
+    hf = hf_tokenizer(real_tokenizer("minimind3"))
     fmt = formatter("minimind3", default_system="Be brief.")
     user = [{"role": "user", "content": "Hi"}]
     expected = hf.apply_chat_template([{"role": "system", "content": "Be brief."}, *user],
@@ -151,7 +154,7 @@ def test_default_system():
     assert "Be brief." not in fmt.render(own) and "Mine." in fmt.render(own)
 
 
-def test_custom_template_features_match_transformers(tmp_path):
+def test_custom_template_features_match_transformers(real_tokenizer, tmp_path):
     # The Jinja environment itself: trim/lstrip_blocks, loopcontrols, namespace, dict(),
     # tojson options, {% generation %}, tools/documents, special tokens and extra kwargs.
     template = (
@@ -166,7 +169,7 @@ def test_custom_template_features_match_transformers(tmp_path):
         "{{ tools | tojson }}|{{ documents | tojson }}|{{ custom }}|{{ ns.n }}|{{ eos_token }}\n"
         "{% for m in messages %}{{ 'content' in m }},{{ m.reasoning_content }};{% endfor %}\n"
         "{% if add_generation_prompt %}<gen>{% endif %}")
-    folder = real_tokenizer_copy(tmp_path / "custom", chat_template=template)
+    folder = real_tokenizer.copy(tmp_path / "custom", chat_template=template)
     hf, fmt = hf_tokenizer(folder), ChatFormatter(Tokenizer(folder))
     msgs = [{"role": "user", "content": "<a>&\"é\""}, {"role": "assistant", "content": "x"},
             {"role": "user", "content": "never shown"},
@@ -188,14 +191,14 @@ def test_custom_template_features_match_transformers(tmp_path):
     ("{% set x = messages.append(1) %}", "append"),  # immutable sandbox
     ("{% for %}", "template"),  # syntax error
 ])
-def test_template_errors_become_value_errors(tmp_path, template, match):
-    fmt = ChatFormatter(Tokenizer(real_tokenizer_copy(tmp_path / "t", chat_template=template)))
+def test_template_errors_become_value_errors(real_tokenizer, tmp_path, template, match):
+    fmt = ChatFormatter(Tokenizer(real_tokenizer.copy(tmp_path / "t", chat_template=template)))
     with pytest.raises(ValueError, match=match):
         fmt.render([{"role": "user", "content": "x"}])
 
 
-def test_strftime_now(tmp_path):
-    fmt = ChatFormatter(Tokenizer(real_tokenizer_copy(tmp_path / "t",
+def test_strftime_now(real_tokenizer, tmp_path):
+    fmt = ChatFormatter(Tokenizer(real_tokenizer.copy(tmp_path / "t",
                                               chat_template="{{ strftime_now('%Y') }}")))
     assert fmt.render([{"role": "user", "content": "x"}]) in {
         str(datetime.now().year), str(datetime.now().year - 1)}
@@ -257,14 +260,14 @@ def test_trim_history_keeps_the_turn_in_progress():
             trim_history(HISTORY, bad)
 
 
-def test_encode_with_max_history_matches_transformers():
-    hf, fmt = hf_tokenizer(real_tokenizer_dir("minimind3")), formatter("minimind3")
+def test_encode_with_max_history_matches_transformers(real_tokenizer, formatter):
+    hf, fmt = hf_tokenizer(real_tokenizer("minimind3")), formatter("minimind3")
     text = hf.apply_chat_template([SYS, *T3, FINAL], tokenize=False, add_generation_prompt=True)
     assert fmt.encode(HISTORY, max_history=1) == hf(text)["input_ids"]
     assert fmt.render(HISTORY, max_history=1) == text
 
 
-def test_context_window_drops_oldest_turns_keeping_system():
+def test_context_window_drops_oldest_turns_keeping_system(formatter):
     fmt = formatter("minimind3")
     full = len(fmt.encode(HISTORY))
     without_t1 = fmt.encode([SYS, *T2, *T3, FINAL])
@@ -280,7 +283,7 @@ def test_context_window_drops_oldest_turns_keeping_system():
     assert windowed.encode(HISTORY, max_prompt_tokens=full - 1, reserve_tokens=0) == without_t1
 
 
-def test_prompt_too_long():
+def test_prompt_too_long(formatter):
     n = len(formatter("minimind3").encode([SYS, FINAL]))
     fmt = formatter("minimind3", context_window=n + 5)
     with pytest.raises(ValueError) as err:
@@ -295,7 +298,7 @@ def test_prompt_too_long():
     assert len(fmt.encode(HISTORY, reserve_tokens=5)) == n  # fits once history is dropped
 
 
-def test_malformed_tool_call_is_a_value_error():
+def test_malformed_tool_call_is_a_value_error(formatter):
     # The template serialises missing arguments with tojson, which fails with TypeError.
     msgs = [{"role": "user", "content": "x"},
             {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f"}}]}]
@@ -325,7 +328,7 @@ def test_malformed_tool_call_is_a_value_error():
     ([{"role": "user", "content": ["raw string part"]}], "part 0 has type 'str'"),
     ([{"role": "assistant", "content": "x", "tool_calls": "f()"}], "tool_calls must be a list"),
 ])
-def test_bad_messages(messages, match):
+def test_bad_messages(formatter, messages, match):
     fmt = formatter("minimind3")
     with pytest.raises(ValueError, match=match):
         fmt.render(messages)
@@ -333,7 +336,7 @@ def test_bad_messages(messages, match):
         fmt.encode(messages)
 
 
-def test_bad_tools_and_documents():
+def test_bad_tools_and_documents(formatter):
     fmt = formatter("minimind3")
     user = CONVS["single_user"]
     with pytest.raises(ValueError, match="tools must be a list of dicts"):
@@ -342,10 +345,10 @@ def test_bad_tools_and_documents():
         fmt.render(user, documents=["text"])
 
 
-def test_prompt_messages():
+def test_prompt_messages(real_tokenizer, formatter):
     assert prompt_messages("hi") == [{"role": "user", "content": "hi"}]
     assert prompt_messages("hi", "S") == [{"role": "system", "content": "S"},
                                           {"role": "user", "content": "hi"}]
-    hf = hf_tokenizer(real_tokenizer_dir("minimind2"))
+    hf = hf_tokenizer(real_tokenizer("minimind2"))
     assert formatter("minimind2").render(prompt_messages("hi", "S")) == hf.apply_chat_template(
         prompt_messages("hi", "S"), tokenize=False, add_generation_prompt=True)

@@ -44,7 +44,7 @@ def test_convert_calls_the_converter(capsys, monkeypatch, tmp_path):
     assert code == 0, err
     assert calls[-1] == ("hf", "a.pth", "b", {"lora": "l.pth", "tokenizer": "tok", "force": False})
     code, _, err = run(capsys, "convert", "--to", "hf", "a.pth", "b", "--q-bits", "4")
-    assert code == 1
+    assert code == 2  # refused input
     assert_one_line_error(err, "--to mlx")
 
 
@@ -61,7 +61,7 @@ def test_convert_to_hf_for_real(capsys, make_checkpoint, tmp_path):
     back = load_checkpoint(dst).weights
     assert all(np.array_equal(back[k], w) for k, w in weights.items())
     code, _, err = run(capsys, "convert", "--to", "hf", path, dst)
-    assert code == 1 and "Traceback" not in err  # DST exists without --force
+    assert code == 2 and "Traceback" not in err  # DST exists without --force: refused
 
 
 @needs_torch

@@ -10,6 +10,7 @@ import pytest
 
 from minimind_core.config import ModelConfig
 from minimind_core.engine import Engine
+from minimind_core.slots import Slots
 from minimind_core.tokenizer import Tokenizer
 
 
@@ -22,21 +23,29 @@ class ScriptedEngine(Engine):
         super().__init__(ModelConfig(vocab_size=512, max_position_embeddings=window), tokenizer)
         self.scripts = scripts
         self.decode_calls = 0
+        self.started = 0  # rows prefilled so far: row i follows script i (mod the scripts)
+        self.row_script: dict[int, list[int]] = {}
 
-    def _onehot(self):
-        logits = np.zeros((len(self.rows), 512), np.float32)
-        for i, s in enumerate(self.rows):
-            logits[i, s[min(self.pos, len(s) - 1)]] = 10.0
+    def _onehot(self, slot):
+        script = self.row_script[slot]
+        logits = np.zeros(512, np.float32)
+        logits[script[min(self.cache.lengths[slot] - self.prompt[slot], len(script) - 1)]] = 10.0
         return logits
 
-    def _prefill(self, prompts, max_len):
-        self.rows, self.pos = [self.scripts[i % len(self.scripts)] for i in range(len(prompts))], 0
-        return self._onehot()
+    def _new_cache(self, slots, max_len):
+        self.cache, self.prompt = Slots(slots, max_len), {}
+        return self.cache
 
-    def _decode(self, tokens):
+    def _prefill(self, cache, slot, ids):
+        self.row_script[slot] = self.scripts[self.started % len(self.scripts)]
+        self.started += 1
+        cache.lengths[slot], self.prompt[slot] = len(ids), len(ids)
+        return self._onehot(slot)
+
+    def _decode_step(self, cache, slots, tokens):
         self.decode_calls += 1
-        self.pos += 1
-        return self._onehot()
+        cache.lengths[slots] += 1
+        return np.stack([self._onehot(s) for s in slots])
 
     def _logits(self, ids):
         return np.zeros((len(ids), 512), np.float32)

@@ -277,11 +277,11 @@ def test_merge_lora_refuses_bad_input(make_checkpoint, tmp_path, capsys):
     good = save_lora(lora_state(config), tmp_path / "good.pth")
     dst = tmp_path / "merged.safetensors"
     dst.write_bytes(b"keep me")
-    assert merge_lora.main([str(path), str(good), str(dst)]) == 1
+    assert merge_lora.main([str(path), str(good), str(dst)]) == 2
     assert "exists" in capsys.readouterr().err and dst.read_bytes() == b"keep me"
     bad = save_lora(lora_state(tiny_config("minimind2", hidden_size=64, head_dim=8)),
                     tmp_path / "bad.pth")
-    assert merge_lora.main([str(path), str(bad), str(tmp_path / "m2.safetensors")]) == 1
+    assert merge_lora.main([str(path), str(bad), str(tmp_path / "m2.safetensors")]) == 2
     assert "[64, 64]" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.glob("*.*")) == ["bad.pth", "good.pth",
                                                             "merged.safetensors"]  # no temp left

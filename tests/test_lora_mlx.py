@@ -134,7 +134,7 @@ def test_adapter_folder_round_trip_through_stock_mlx_lm(kind, make_checkpoint, t
     from mlx_lm.generate import generate_step
 
     stock_tokens = [int(t) for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=10)]
-    steps = ours._steps([PROMPT], SamplingParams(max_new_tokens=10, temperature=0))
+    steps = ours.iter_tokens([PROMPT], SamplingParams(max_new_tokens=10, temperature=0))
     assert [int(next(steps)[0]) for _ in range(10)] == stock_tokens  # eos ignored on both sides
     steps.close()
     # and the folder reads back as a LoRA in minimind-core (torch backend included)
@@ -162,10 +162,10 @@ def test_to_mlx_fuses_then_quantizes(make_checkpoint, tmp_path):
 def test_adapter_out_bad_arguments(make_checkpoint, tmp_path, capsys):
     path, _, lora_file = setup(make_checkpoint, "minimind2")
     assert to_mlx.main([str(path), str(tmp_path / "a"), "--lora-adapter-out",
-                        str(tmp_path / "ad"), "--quiet"]) == 1
+                        str(tmp_path / "ad"), "--quiet"]) == 2
     assert "needs the adapter" in capsys.readouterr().err
     (tmp_path / "ad").mkdir()
     assert to_mlx.main([str(path), str(tmp_path / "a"), "--lora", str(lora_file),
-                        "--lora-adapter-out", str(tmp_path / "ad"), "--quiet"]) == 1
+                        "--lora-adapter-out", str(tmp_path / "ad"), "--quiet"]) == 2
     assert "exists" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()

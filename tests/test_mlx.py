@@ -15,7 +15,7 @@ mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 torch = pytest.importorskip("torch")
 
-from conftest import KINDS, TOKENIZERS, random_weights, save_pth, tiny_config  # noqa: E402
+from conftest import KINDS, random_weights, save_pth, tiny_config  # noqa: E402
 
 from minimind_core import load  # noqa: E402
 from minimind_core.config import YARN_DEFAULTS  # noqa: E402
@@ -139,11 +139,9 @@ def test_chat_prompt_ids_and_answers_match_torch(make_checkpoint):
 
 
 @pytest.mark.parametrize("generation", ["minimind2", "minimind3"])
-def test_real_tokenizers_give_identical_prompt_ids(tmp_path, generation):
+def test_real_tokenizers_give_identical_prompt_ids(real_tokenizer, tmp_path, generation):
     """Upstream's own tokenizers and templates: both backends send transformers' prompt ids."""
-    folder = TOKENIZERS / generation
-    if not (folder / "tokenizer.json").is_file():
-        pytest.skip(f"{folder} not available")
+    folder = real_tokenizer(generation)
     transformers = pytest.importorskip("transformers")
     config = tiny_config(generation, vocab_size=6400)
     path = save_pth(random_weights(config), tmp_path / "out" / "full_sft_64.pth")

@@ -1,5 +1,5 @@
 """The C-assisted CPU decode step (backends/torch/native.py) gives the plain torch step's numbers,
-for every kind, batches with left padding, long caches and LoRA; and it steps aside cleanly when
+for every kind, batches of rows at different positions, long caches and LoRA; and it steps aside cleanly when
 it cannot run (no compiler, a failing compiler, disabled, fp16, unmerged LoRA)."""
 
 from __future__ import annotations
@@ -26,14 +26,26 @@ needs_native = pytest.mark.skipif(native.library() is None, reason="no working C
 
 def engines(path, **kw):
     nat = load(path, backend="torch", device="cpu", **kw)
-    ref = load(path, backend="torch", device="cpu", native=False, **kw)
+    ref = load(path, backend="torch", device="cpu", decode="eager", **kw)
     return nat, ref
 
 
 def step_logits(engine, prompts, tokens: np.ndarray) -> torch.Tensor:
-    """Prefill ``prompts``, then feed ``tokens`` [steps, B] one step at a time: the logits."""
-    engine._prefill(prompts, max(map(len, prompts)) + len(tokens))
-    return torch.stack([engine._decode(t).clone() for t in tokens])
+    """Prefill ``prompts`` (one slot each), then feed ``tokens`` [steps, B] one step at a time:
+    the logits of every step."""
+    cache = engine._cache_for(len(prompts), max(map(len, prompts)) + len(tokens))
+    slots = np.array([cache.alloc() for _ in prompts])
+    try:
+        for slot, ids in zip(slots, prompts):
+            engine._prefill(cache, int(slot), ids)
+        return torch.stack([engine._decode_step(cache, slots, t).clone() for t in tokens])
+    finally:
+        for slot in slots:
+            cache.free(int(slot))
+
+
+def runs_native(engine) -> bool:
+    return isinstance(engine._impls.get("native"), native.NativeStep)
 
 
 @needs_native
@@ -44,7 +56,7 @@ def test_native_step_matches_torch_step(kind, make_checkpoint):
     assert (nat.info["decode"], ref.info["decode"]) == ("native", "eager")
     tokens = np.random.default_rng(0).integers(3, config.vocab_size, (12, len(PROMPTS)))
     got, want = step_logits(nat, PROMPTS, tokens), step_logits(ref, PROMPTS, tokens)
-    assert nat._native_decoder() is not None and ref._native_decoder() is None
+    assert runs_native(nat) and not runs_native(ref)
     assert got.shape == (12, len(PROMPTS), config.vocab_size)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # and whole generations, greedy and sampled, are the same tokens
@@ -66,7 +78,7 @@ def test_long_cache_and_cache_changes(make_checkpoint):
         a = nat.generate_batch(prompts, max_new_tokens=20)
         b = ref.generate_batch(prompts, max_new_tokens=20)
         assert [r.token_ids for r in a] == [r.token_ids for r in b]
-    assert nat.cache.max_len == 512
+    assert nat._cache.max_len == 512
 
 
 @needs_native
@@ -92,15 +104,15 @@ def test_lora_merged_runs_native_unmerged_steps_aside(make_checkpoint, tmp_path)
         nat, ref = engines(path, lora=adapter, merge_lora=merge)
         tokens = np.random.default_rng(3).integers(3, config.vocab_size, (5, len(PROMPTS)))
         got, want = step_logits(nat, PROMPTS, tokens), step_logits(ref, PROMPTS, tokens)
-        assert (nat._native_decoder() is not None) == merge
+        assert runs_native(nat) == merge
         assert nat.info["decode"] == ("native" if merge else "eager")
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     nat.set_lora(None)  # unmerged adapter removed: the native step comes back, on the base
     assert nat.info["decode"] == "native"
-    base = load(path, backend="torch", device="cpu", native=False)
+    base = load(path, backend="torch", device="cpu", decode="eager")
     assert nat.generate(PROMPTS[1], max_new_tokens=12).token_ids == \
         base.generate(PROMPTS[1], max_new_tokens=12).token_ids
-    assert nat._native_decoder() is not None
+    assert runs_native(nat)
 
 
 @needs_native
@@ -127,8 +139,8 @@ def test_cache_grows_for_the_same_batch_size(make_checkpoint):
         assert nat.generate(prompt, max_new_tokens=16).token_ids == \
             ref.generate(prompt, max_new_tokens=16).token_ids
         if length == 300:
-            assert nat.cache.max_len == 512
-            nat.logits(rng.integers(3, 400, 700).tolist())  # grows the RoPE tables in between
+            assert nat._cache.max_len == 512
+            nat.logits(rng.integers(3, 400, 700).tolist())  # past the cache, inside the window
 
 
 def test_not_used_off_cpu_fp32(make_checkpoint):
@@ -159,7 +171,7 @@ def assert_falls_back(make_checkpoint):
     path, _, _ = make_checkpoint("minimind2")
     engine = load(path, backend="torch", device="cpu")
     assert engine.info["decode"] == "eager" and engine._native is None
-    ref = load(path, backend="torch", device="cpu", native=False)
+    ref = load(path, backend="torch", device="cpu", decode="eager")
     assert engine.generate(PROMPTS[1], max_new_tokens=8).token_ids == \
         ref.generate(PROMPTS[1], max_new_tokens=8).token_ids
 
@@ -235,12 +247,13 @@ def test_builds_once_into_the_cache(fresh_build):
 def test_step_refuses_what_would_write_out_of_bounds(make_checkpoint):
     path, _, _ = make_checkpoint("minimind2")
     engine = load(path, backend="torch", device="cpu")
-    engine._prefill([[1, 2, 3]], 10)
-    step = engine._native_decoder()
-    with pytest.raises(ValueError, match="position 256 for a cache of 1 rows and 256"):
-        step.step(np.array([5]), engine.cache.max_len)
-    with pytest.raises(ValueError, match="2 tokens"):
-        step.step(np.array([5, 6]), 3)
+    cache = engine._cache_for(1, 10)
+    step = engine._step("native", cache)
+    for slot, pos in ((0, cache.max_len + 1), (1, 3), (-1, 3), (0, -1)):
+        with pytest.raises(ValueError, match="refused its arguments"):
+            step(np.array([slot]), np.array([pos]), np.array([5]))
+    with pytest.raises(ValueError, match="2 rows"):
+        step(np.array([0, 0]), np.array([3]), np.array([5]))
 
 
 @needs_native
@@ -252,12 +265,12 @@ def test_long_batches_switch_to_torch_mid_generation(make_checkpoint, monkeypatc
     path, _, _ = make_checkpoint("minimind3")
     nat, ref = engines(path)
     calls = []
-    real = native.NativeDecoder.step
-    monkeypatch.setattr(native.NativeDecoder, "step",
-                        lambda self, tokens, pos: calls.append(pos) or real(self, tokens, pos))
+    real = native.NativeStep.__call__
+    monkeypatch.setattr(native.NativeStep, "__call__", lambda self, slots, positions, tokens:
+                        calls.append(int(positions.max())) or real(self, slots, positions, tokens))
     a = nat.generate_batch(PROMPTS, max_new_tokens=20)  # the longest prompt is 37 tokens
     b = ref.generate_batch(PROMPTS, max_new_tokens=20)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
-    assert calls == list(range(37, 45))  # native until 4 rows x 45 keys, then torch
+    assert calls == list(range(37, 45))  # native while 4 rows x (pos + 1) keys <= 4 x 45
     one = nat.generate(PROMPTS[1], max_new_tokens=20)  # a single row always runs native
     assert one.token_ids == b[1].token_ids and calls[-1] == 37 + 18

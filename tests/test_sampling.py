@@ -41,27 +41,80 @@ def test_repetition_penalty_transformers_convention():
     np.testing.assert_allclose(out, [[2.0, -4.0, 1.0]])
 
 
+def draws(logits, params, n, seed=0, history=()):
+    """Draws 0..n-1 of one seeded row (the token loop's step counter)."""
+    return [int(sampling.sample(logits, params, [list(history)], [seed], [step])[0])
+            for step in range(n)]
+
+
 def test_sampling_frequencies_follow_probabilities():
-    rng = np.random.default_rng(0)
-    params = SamplingParams(temperature=1.0)
-    draws = [int(sampling.sample(LOGITS, params, [[]], rng)[0]) for _ in range(4000)]
-    freq = np.bincount(draws, minlength=4) / len(draws)
+    got = draws(LOGITS, SamplingParams(temperature=1.0), 4000)
+    freq = np.bincount(got, minlength=4) / len(got)
     np.testing.assert_allclose(freq, [0.5, 0.25, 0.15, 0.10], atol=0.03)
 
 
 def test_low_temperature_sharpens_and_greedy_is_argmax():
-    rng = np.random.default_rng(0)
-    draws = [int(sampling.sample(LOGITS, SamplingParams(temperature=0.05), [[]], rng)[0])
-             for _ in range(200)]
-    assert set(draws) == {0}
-    assert sampling.sample(LOGITS[:, ::-1], SamplingParams(), [[]], rng).tolist() == [3]
+    assert set(draws(LOGITS, SamplingParams(temperature=0.05), 200)) == {0}
+    assert sampling.sample(LOGITS[:, ::-1], SamplingParams(), [[]], [0], [0]).tolist() == [3]
 
 
-def test_same_seed_same_draws():
+def test_same_seed_and_step_same_draw_whatever_the_batch():
     params = SamplingParams(temperature=1.0, top_p=0.9)
-    a = [sampling.sample(LOGITS, params, [[]], np.random.default_rng(7))[0] for _ in range(5)]
-    b = [sampling.sample(LOGITS, params, [[]], np.random.default_rng(7))[0] for _ in range(5)]
-    assert a == b
+    a = draws(LOGITS, params, 20, seed=7)
+    assert a == draws(LOGITS, params, 20, seed=7)
+    assert a != draws(LOGITS, params, 20, seed=8)
+    # row 1 of a batch with other rows, other seeds and other steps draws what it draws alone
+    rows = np.repeat(LOGITS, 3, axis=0)
+    for step in range(20):
+        got = sampling.sample(rows, params, [[]] * 3, [1, 7, 9], [5, step, 0])
+        assert got[1] == a[step]
+
+
+def test_uniform_is_the_documented_splitmix_formula():
+    """u = (mix(mix(seed ^ salt) + (step + 1) * golden) >> 11) / 2**53, computed here with
+    Python's unbounded ints and an explicit mod 2**64 (an independent implementation)."""
+    m = (1 << 64) - 1
+
+    def mix(z):
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+        return z ^ (z >> 31)
+
+    seeds = [0, 1, 2**63 - 1, -1, 12345678901234]
+    steps = [0, 1, 31, 10**6, 3]
+    want = [(mix((mix((s % (1 << 64)) ^ 0x6A09E667F3BCC909) + (t + 1) * 0x9E3779B97F4A7C15) & m)
+             >> 11) / 2**53 for s, t in zip(seeds, steps)]
+    np.testing.assert_array_equal(sampling.uniform(seeds, steps), want)
+    u = sampling.uniform([3] * 20000, range(20000))
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
+
+
+def test_draw_is_the_inverse_cdf():
+    # cdf 0.5, 0.75, 0.9, 1.0: u in [0, .5) -> 0, [.5, .75) -> 1, [.75, .9) -> 2, else 3
+    logits = np.repeat(LOGITS, 6, axis=0)
+    u = np.array([0.0, 0.49, 0.51, 0.74, 0.76, 0.95])
+    assert sampling.draw(logits, u).tolist() == [0, 0, 1, 1, 2, 3]
+
+
+def test_filter_order_penalty_then_temperature_then_top_k_top_p_min_p():
+    # the penalty acts on raw logits (before temperature): token 0 (2.0 -> 1.0) drops below 1
+    logits = np.array([[2.0, 1.5, 0.0, -1.0]], dtype=np.float32)
+    params = SamplingParams(temperature=0.5, top_k=2, repetition_penalty=2.0)
+    penalised = sampling.repetition_penalty(logits, [[0]], 2.0, None)
+    np.testing.assert_allclose(penalised, [[1.0, 1.5, 0.0, -1.0]])
+    kept_ids = kept(sampling.filter_logits(penalised, params))
+    assert kept_ids == [0, 1]
+    np.testing.assert_allclose(sampling.filter_logits(penalised, params)[0, :2], [2.0, 3.0])
+    # top-p after top-k: of the two kept (probs ~.27/.73 at T=.5) 0.7 keeps only token 1
+    narrow = SamplingParams(temperature=0.5, top_k=2, top_p=0.7, repetition_penalty=2.0)
+    assert kept(sampling.filter_logits(penalised, narrow)) == [1]
+    assert set(draws(logits, narrow, 50, history=[0])) == {1}
+
+
+def test_rows_with_different_parameters_in_one_call():
+    rows = np.repeat(LOGITS, 2, axis=0)
+    greedy, hot = SamplingParams(), SamplingParams(temperature=1.0, top_k=1)
+    assert sampling.sample(rows[:, ::-1], [greedy, hot], [[], []], [0, 0], [0, 0]).tolist() == [3, 3]
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -18,7 +18,6 @@ from conftest import (  # noqa: E402
     build_tokenizer,
     hf_tokenizer,
     random_weights,
-    real_tokenizer_dir,
     save_pth,
     tiny_config,
 )
@@ -60,8 +59,9 @@ def _mlx_lm_ids(folder, messages):
 @pytest.mark.parametrize("kind, tokenizer", [("minimind2", "minimind2"),
                                              ("minimind3", "minimind3"),
                                              ("minimind3-moe", "minimind3")])
-def test_mlx_folder_renders_the_same_ids_in_stock_mlx_lm(tmp_path, kind, tokenizer):
-    source = real_tokenizer_dir(tokenizer)
+def test_mlx_folder_renders_the_same_ids_in_stock_mlx_lm(tmp_path, real_tokenizer, kind,
+                                                          tokenizer):
+    source = real_tokenizer(tokenizer)
     path, config = _checkpoint(tmp_path, kind, source)
     dst = to_mlx.convert(path, tmp_path / "mlx", progress=False,
                          overrides={"num_attention_heads": config.num_attention_heads})
@@ -75,10 +75,10 @@ def test_mlx_folder_renders_the_same_ids_in_stock_mlx_lm(tmp_path, kind, tokeniz
     assert engine.chat_ids(CONVERSATIONS[0]) == _mlx_lm_ids(dst, CONVERSATIONS[0])
 
 
-def test_the_unpinned_minimind2_template_differs_in_stock_mlx_lm(tmp_path):
+def test_the_unpinned_minimind2_template_differs_in_stock_mlx_lm(tmp_path, real_tokenizer):
     """The bug itself: stock mlx_lm sends enable_thinking=False for a vocabulary without <think>,
     and MiniMind2's own template then appends an empty think block upstream never renders."""
-    source = real_tokenizer_dir("minimind2")
+    source = real_tokenizer("minimind2")
     hf = hf_tokenizer(source)
     upstream = hf(hf.apply_chat_template(CONVERSATIONS[0], tokenize=False,
                                          add_generation_prompt=True))["input_ids"]

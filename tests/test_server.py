@@ -41,7 +41,6 @@ httpx = pytest.importorskip("httpx")
 from minimind_core.server import create_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZERS = ROOT.parent / "shared" / "minimind-tokenizers"
 
 
 @pytest.fixture(scope="module")
@@ -234,13 +233,11 @@ def test_seeded_sampling_params_accepted(client, engine):
 
 
 @pytest.fixture(scope="module")
-def minimind3_server():
+def minimind3_server(real_tokenizer):
     """A ScriptedEngine behind MiniMind-3's real tokenizer and chat template."""
-    if not (TOKENIZERS / "minimind3" / "tokenizer.json").is_file():
-        pytest.skip("needs ../shared/minimind-tokenizers/minimind3")
     from minimind_core.tokenizer import Tokenizer
 
-    engine = ScriptedEngine(Tokenizer.from_folder(TOKENIZERS / "minimind3"))
+    engine = ScriptedEngine(Tokenizer.from_folder(real_tokenizer("minimind3")))
     with ServerThread(create_app(engine, model_name="minimind-3")) as s, openai.OpenAI(
             base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=30) as c:
         yield engine, c

@@ -1,4 +1,5 @@
-"""converters.to_hf: exported folders load with stock transformers and match TorchEngine."""
+"""converters.to_hf: exported folders load with stock transformers and match TorchEngine
+(MiniMind2-MoE as GraniteMoeShared in detail: test_to_hf_moe.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from minimind_core import load  # noqa: E402
 from minimind_core.checkpoint import read_safetensors  # noqa: E402
 
 PROMPT = [1, 5, 77, 200, 31, 9, 402, 17, 88, 3, 250, 11]
-STOCK = {"minimind2": "LlamaForCausalLM", "minimind3": "Qwen3ForCausalLM",
-         "minimind3-moe": "Qwen3MoeForCausalLM"}
+STOCK = {"minimind2": "LlamaForCausalLM", "minimind2-moe": "GraniteMoeSharedForCausalLM",
+         "minimind3": "Qwen3ForCausalLM", "minimind3-moe": "Qwen3MoeForCausalLM"}
 
 
 def torch_logits(path, ids=PROMPT, **kw):
@@ -51,15 +52,6 @@ def test_stock_transformers_loads_export(kind, make_checkpoint, tmp_path):
     assert tok.encode("hello world, 你好") == ours.encode("hello world, 你好")
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                    add_generation_prompt=True) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-
-
-def test_minimind2_moe_has_no_stock_class(make_checkpoint, tmp_path):
-    path, _, _ = make_checkpoint("minimind2-moe")
-    dst = to_hf.convert(path, tmp_path / "hf", progress=False)
-    config = json.loads((dst / "config.json").read_text())
-    assert config["model_type"] == "minimind" and config["n_shared_experts"] == 1
-    assert "minimind-core" in (dst / "README.md").read_text()
-    np.testing.assert_allclose(torch_logits(dst), torch_logits(path), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -111,16 +103,21 @@ def test_bad_inputs(make_checkpoint, tmp_path, capsys):
         to_hf.convert(not_a_model, tmp_path / "y", progress=False)
     with pytest.raises(FileNotFoundError, match="source not found"):
         to_hf.convert(tmp_path / "missing.pth", tmp_path / "z", progress=False)
-    assert to_hf.main([str(path), str(dst), "--quiet"]) == 1
+    assert to_hf.main([str(path), str(dst), "--quiet"]) == 2  # refused input: exit 2
     assert "exists" in capsys.readouterr().err
     left = sorted(p.name for p in tmp_path.iterdir() if p.name != "minimind2-0")
     assert left == ["hf", "notes.pth"]  # nothing half-written
-    assert to_hf.main([str(path), str(dst), "--force", "--quiet", "--dtype", "int4"]) == 1
+    assert to_hf.main([str(path), str(dst), "--force", "--quiet", "--dtype", "int4"]) == 2
     assert ("unknown dtype 'int4'; choose from float32, float16, bfloat16 or auto"
             in capsys.readouterr().err)
+    # --force never empties a folder we did not write
+    assert to_hf.main([str(path), str(dst), "--force", "--quiet"]) == 2
+    assert "holds keep, which we did not write" in capsys.readouterr().err
+    assert [p.name for p in dst.iterdir()] == ["keep"]
     # the command line takes the same aliases as load(): fp16 is float16
+    (dst / "keep").unlink()
     assert to_hf.main([str(path), str(dst), "--force", "--quiet", "--dtype", "fp16"]) == 0
-    assert (dst / "model.safetensors").is_file() and not (dst / "keep").exists()
+    assert (dst / "model.safetensors").is_file()
     assert json.loads((dst / "config.json").read_text())["dtype"] == "float16"
 
 

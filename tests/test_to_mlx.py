@@ -178,8 +178,13 @@ def test_existing_destination_needs_force(make_checkpoint, tmp_path):
     with pytest.raises(FileExistsError, match="force"):
         _convert(path, config, dst)
     assert (dst / "old.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="holds old.txt, which we did not write"):
+        _convert(path, config, dst, force=True)  # --force never empties a folder not ours
+    assert (dst / "old.txt").read_text() == "keep me"
+    (dst / "old.txt").unlink()
     _convert(path, config, dst, force=True)
-    assert not (dst / "old.txt").exists() and (dst / "model.safetensors").is_file()
+    _convert(path, config, dst, force=True)  # our own output: replaced
+    assert (dst / "model.safetensors").is_file()
     assert _no_leftovers(tmp_path) == []
 
 
@@ -232,11 +237,11 @@ def test_command_line(make_checkpoint, tmp_path, capsys):
     assert "quantizing to 8 bits" in err and "wrote" in err
     meta = json.loads((dst / "config.json").read_text())
     assert meta["quantization"]["bits"] == 8 and meta["torch_dtype"] == "bfloat16"
-    assert to_mlx.main([str(path), str(dst), "--quiet"]) == 1
+    assert to_mlx.main([str(path), str(dst), "--quiet"]) == 2
     assert "--force" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         to_mlx.main([str(path), str(dst), "--q-bits", "3"])
     assert exit_info.value.code == 2
-    assert to_mlx.main([str(path), str(tmp_path / "x"), "--dtype", "fp8"]) == 1
+    assert to_mlx.main([str(path), str(tmp_path / "x"), "--dtype", "fp8"]) == 2
     assert "unknown dtype 'fp8'; choose from float32, float16, bfloat16" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

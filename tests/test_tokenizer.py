@@ -1,7 +1,7 @@
 """Tokenizer loading, encode/decode parity with transformers, and tokenizer discovery.
 
-The real MiniMind tokenizers live in ../shared/minimind-tokenizers (beside the repo, never
-copied into it); transformers is the independent oracle here and only here.
+Upstream's real MiniMind tokenizers come from conftest's ``real_tokenizer`` fixture (the test
+skips where they are absent); transformers is the independent oracle here and only here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import hf_tokenizer, real_tokenizer_copy, real_tokenizer_dir
+from conftest import hf_tokenizer
 
 from minimind_core.tokenizer import Tokenizer, TokenizerNotFoundError, find_tokenizer
 
@@ -37,8 +37,8 @@ TEXTS = [
 
 
 @pytest.fixture(params=NAMES)
-def real(request) -> tuple[Tokenizer, object]:
-    path = real_tokenizer_dir(request.param)
+def real(real_tokenizer, request) -> tuple[Tokenizer, object]:
+    path = real_tokenizer(request.param)
     return Tokenizer(path), hf_tokenizer(path)
 
 
@@ -86,7 +86,7 @@ def test_decode_arbitrary_ids_matches_transformers(real):
     assert tok.decode(5) == hf.decode(5, skip_special_tokens=True)
 
 
-def test_attributes_match_transformers(real):
+def test_attributes_match_transformers(real_tokenizer, real):
     tok, hf = real
     assert tok.vocab_size == len(tok) == len(hf) == 6400
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (
@@ -99,11 +99,11 @@ def test_attributes_match_transformers(real):
     assert tok.chat_template == hf.chat_template
     assert tok.token_to_id("<|im_end|>") == 2 and tok.token_to_id("no-such-token") is None
     assert tok.id_to_token(1) == "<|im_start|>" and tok.id_to_token(10**6) is None
-    assert tok.path == real_tokenizer_dir(tok.path.name)
+    assert tok.path == real_tokenizer(tok.path.name)
 
 
-def test_minimind3_think_tokens_are_not_special():
-    path = real_tokenizer_dir("minimind3")
+def test_minimind3_think_tokens_are_not_special(real_tokenizer):
+    path = real_tokenizer("minimind3")
     tok = Tokenizer(path)
     think = tok.token_to_id("<think>")
     assert think is not None and think not in tok.special_token_ids
@@ -113,15 +113,15 @@ def test_minimind3_think_tokens_are_not_special():
 # -- tokenizer_config.json handling --------------------------------------------------------
 
 
-def test_config_special_tokens_are_registered_like_transformers(tmp_path):
+def test_config_special_tokens_are_registered_like_transformers(real_tokenizer, tmp_path):
     # transformers adds special tokens named in the config that are not yet added tokens:
     # <mask> and <new> are new ids; a plain vocab entry named as a special token becomes
     # special (split out when encoding, skipped when decoding). <think> is already an added,
     # non-special token in tokenizer.json and keeps its flags there, so it is not skipped.
-    base = Tokenizer(real_tokenizer_dir("minimind3"))
+    base = Tokenizer(real_tokenizer("minimind3"))
     word = next(t for i in range(300, len(base))
                 if (t := base.id_to_token(i)).isascii() and t.isalpha() and len(t) >= 5)
-    folder = real_tokenizer_copy(tmp_path / "t", additional_special_tokens=["<think>", "<new>"],
+    folder = real_tokenizer.copy(tmp_path / "t", additional_special_tokens=["<think>", "<new>"],
                          mask_token="<mask>", sep_token=word)
     tok, hf = Tokenizer(folder), hf_tokenizer(folder)
     assert len(tok) == len(hf) == 6402
@@ -137,13 +137,13 @@ def test_config_special_tokens_are_registered_like_transformers(tmp_path):
     assert tok.special_tokens_map == hf.special_tokens_map
 
 
-def test_config_added_tokens_missing_from_tokenizer_json(tmp_path):
+def test_config_added_tokens_missing_from_tokenizer_json(real_tokenizer, tmp_path):
     flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    src = json.loads((real_tokenizer_dir("minimind2") / "tokenizer_config.json").read_text("utf-8"))
+    src = json.loads((real_tokenizer("minimind2") / "tokenizer_config.json").read_text("utf-8"))
     decoder = {**src["added_tokens_decoder"],
                "6400": {"content": "<extra>", "special": False, **flags},
                "6401": {"content": "<sp>", "special": True, **flags}}
-    folder = real_tokenizer_copy(tmp_path / "t", "minimind2", added_tokens_decoder=decoder)
+    folder = real_tokenizer.copy(tmp_path / "t", "minimind2", added_tokens_decoder=decoder)
     tok, hf = Tokenizer(folder), hf_tokenizer(folder)
     assert len(tok) == len(hf) == 6402
     ids = tok.encode("a<extra>b<sp>c")
@@ -151,17 +151,17 @@ def test_config_added_tokens_missing_from_tokenizer_json(tmp_path):
     assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=True) == "a<extra>bc"
 
 
-def test_bos_eos_come_from_tokenizer_json_like_transformers(tmp_path):
+def test_bos_eos_come_from_tokenizer_json_like_transformers(real_tokenizer, tmp_path):
     # transformers 5 ignores tokenizer_config's add_bos_token/add_eos_token when tokenizer.json
     # exists; the post-processor in tokenizer.json decides. Both are checked against it.
     from tokenizers import Tokenizer as Backend
     from tokenizers.processors import TemplateProcessing
 
-    flags = real_tokenizer_copy(tmp_path / "flags", "minimind2", add_bos_token=True, add_eos_token=True)
+    flags = real_tokenizer.copy(tmp_path / "flags", "minimind2", add_bos_token=True, add_eos_token=True)
     assert Tokenizer(flags).encode("hi 世界") == hf_tokenizer(flags)("hi 世界")["input_ids"]
     assert Tokenizer(flags).encode("hi")[0] != 1
 
-    post = real_tokenizer_copy(tmp_path / "post", "minimind2")
+    post = real_tokenizer.copy(tmp_path / "post", "minimind2")
     backend = Backend.from_file(str(post / "tokenizer.json"))
     backend.post_processor = TemplateProcessing(
         single="<|im_start|> $A <|im_end|>", special_tokens=[("<|im_start|>", 1),
@@ -172,40 +172,40 @@ def test_bos_eos_come_from_tokenizer_json_like_transformers(tmp_path):
     assert ids[0] == 1 and ids[-1] == 2
 
 
-def test_special_tokens_given_as_dicts(tmp_path):
+def test_special_tokens_given_as_dicts(real_tokenizer, tmp_path):
     eos = {"content": "<|im_end|>", "lstrip": False, "normalized": False, "rstrip": False,
            "single_word": False, "special": True, "__type": "AddedToken"}
-    folder = real_tokenizer_copy(tmp_path / "t", "minimind2", eos_token=eos)
+    folder = real_tokenizer.copy(tmp_path / "t", "minimind2", eos_token=eos)
     tok = Tokenizer(folder)
     assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
     assert tok.encode("a<|im_end|>") == hf_tokenizer(folder)("a<|im_end|>")["input_ids"]
 
 
-def test_tokenizer_json_only(tmp_path):
+def test_tokenizer_json_only(real_tokenizer, tmp_path):
     folder = tmp_path / "bare"
     folder.mkdir()
-    shutil.copyfile(real_tokenizer_dir("minimind2") / "tokenizer.json", folder / "tokenizer.json")
+    shutil.copyfile(real_tokenizer("minimind2") / "tokenizer.json", folder / "tokenizer.json")
     tok = Tokenizer(folder)
     assert tok.chat_template is None and tok.eos_token is None and tok.eos_token_id is None
     assert tok.stop_token_ids == frozenset({0, 2})  # <|im_end|>, <|endoftext|> by name
-    assert tok.encode("hi there") == Tokenizer(real_tokenizer_dir("minimind2")).encode("hi there")
+    assert tok.encode("hi there") == Tokenizer(real_tokenizer("minimind2")).encode("hi there")
 
 
-def test_chat_template_sources(tmp_path):
+def test_chat_template_sources(real_tokenizer, tmp_path):
     # transformers 5 saves the template as chat_template.jinja; it wins over the config.
-    folder = real_tokenizer_copy(tmp_path / "jinja", "minimind2")
+    folder = real_tokenizer.copy(tmp_path / "jinja", "minimind2")
     (folder / "chat_template.jinja").write_text("{{ 'from file' }}", encoding="utf-8")
     assert Tokenizer(folder).chat_template == "{{ 'from file' }}"
     # A list of named templates: "default" is used, "tool_use" when tools are given.
     named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
-    tok = Tokenizer(real_tokenizer_copy(tmp_path / "named", "minimind2", chat_template=named))
+    tok = Tokenizer(real_tokenizer.copy(tmp_path / "named", "minimind2", chat_template=named))
     assert tok.chat_template == "D"
     assert tok.get_chat_template(tools=[{"name": "f"}]) == "T"
-    tok = Tokenizer(real_tokenizer_copy(tmp_path / "dict", "minimind2",
+    tok = Tokenizer(real_tokenizer.copy(tmp_path / "dict", "minimind2",
                                 chat_template={"a": "A", "b": "B"}))
     with pytest.raises(ValueError, match="none named 'default'"):
         _ = tok.chat_template
-    assert Tokenizer(real_tokenizer_copy(tmp_path / "none", chat_template=None)).chat_template is None
+    assert Tokenizer(real_tokenizer.copy(tmp_path / "none", chat_template=None)).chat_template is None
 
 
 # -- errors --------------------------------------------------------------------------------
@@ -231,15 +231,15 @@ def test_corrupt_tokenizer_json(tmp_path):
         Tokenizer.from_folder(tmp_path)
 
 
-def test_corrupt_tokenizer_config(tmp_path):
-    folder = real_tokenizer_copy(tmp_path / "t")
+def test_corrupt_tokenizer_config(real_tokenizer, tmp_path):
+    folder = real_tokenizer.copy(tmp_path / "t")
     (folder / "tokenizer_config.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(ValueError, match="tokenizer_config.json"):
         Tokenizer.from_folder(folder)
 
 
-def test_encode_rejects_non_strings():
-    tok = Tokenizer(real_tokenizer_dir("minimind2"))
+def test_encode_rejects_non_strings(real_tokenizer):
+    tok = Tokenizer(real_tokenizer("minimind2"))
     with pytest.raises(TypeError):
         tok.encode(["a", "b"])  # type: ignore[arg-type]
 
@@ -247,16 +247,16 @@ def test_encode_rejects_non_strings():
 # -- discovery -----------------------------------------------------------------------------
 
 
-def test_find_in_weights_folder(tmp_path):
+def test_find_in_weights_folder(real_tokenizer, tmp_path):
     # transformers-format checkpoint: config.json, weights and tokenizer in one folder.
-    folder = real_tokenizer_copy(tmp_path / "MiniMind2", "minimind2")
+    folder = real_tokenizer.copy(tmp_path / "MiniMind2", "minimind2")
     (folder / "model.safetensors").write_bytes(b"")
     assert find_tokenizer(folder).path == folder
     assert find_tokenizer(folder / "model.safetensors").path == folder
 
 
-def test_find_upstream_model_folder(tmp_path):
-    model = real_tokenizer_copy(tmp_path / "X" / "model", "minimind3")
+def test_find_upstream_model_folder(real_tokenizer, tmp_path):
+    model = real_tokenizer.copy(tmp_path / "X" / "model", "minimind3")
     weights = tmp_path / "X" / "out" / "full_sft_512.pth"
     lora = tmp_path / "X" / "out" / "lora" / "lora_identity_512.pth"
     lora.parent.mkdir(parents=True)
@@ -267,16 +267,16 @@ def test_find_upstream_model_folder(tmp_path):
     assert find_tokenizer(str(weights)).path == model
 
 
-def test_weights_folder_beats_model_folder(tmp_path):
-    real_tokenizer_copy(tmp_path / "X" / "model", "minimind3")
-    near = real_tokenizer_copy(tmp_path / "X" / "out", "minimind2")
+def test_weights_folder_beats_model_folder(real_tokenizer, tmp_path):
+    real_tokenizer.copy(tmp_path / "X" / "model", "minimind3")
+    near = real_tokenizer.copy(tmp_path / "X" / "out", "minimind2")
     (near / "w.pth").write_bytes(b"")
     assert find_tokenizer(near / "w.pth").path == near
 
 
-def test_explicit_tokenizer_wins(tmp_path):
-    weights = real_tokenizer_copy(tmp_path / "ckpt", "minimind2")
-    other = real_tokenizer_copy(tmp_path / "other", "minimind3")
+def test_explicit_tokenizer_wins(real_tokenizer, tmp_path):
+    weights = real_tokenizer.copy(tmp_path / "ckpt", "minimind2")
+    other = real_tokenizer.copy(tmp_path / "other", "minimind3")
     assert find_tokenizer(weights, tokenizer=other).path == other
     assert find_tokenizer(weights, tokenizer=str(other / "tokenizer.json")).path == other
     assert find_tokenizer(None, tokenizer=other).path == other
@@ -284,8 +284,8 @@ def test_explicit_tokenizer_wins(tmp_path):
     assert find_tokenizer(weights, tokenizer=tok) is tok
 
 
-def test_wrong_explicit_tokenizer_does_not_fall_back(tmp_path):
-    weights = real_tokenizer_copy(tmp_path / "ckpt", "minimind2")
+def test_wrong_explicit_tokenizer_does_not_fall_back(real_tokenizer, tmp_path):
+    weights = real_tokenizer.copy(tmp_path / "ckpt", "minimind2")
     missing = tmp_path / "typo"
     with pytest.raises(TokenizerNotFoundError, match="typo"):
         find_tokenizer(weights, tokenizer=missing)

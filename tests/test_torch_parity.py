@@ -115,7 +115,7 @@ def test_logits_and_greedy_tokens_match_reference(kind, make_checkpoint):
     assert np.abs(ours - ref_logits).max() <= 1e-4
     # greedy through the cached prefill/decode path, eos ignored by the reference
     ref_tokens = hf_greedy(ref, PROMPT, N_TOKENS)
-    steps = engine._steps([PROMPT], engine_params(N_TOKENS))
+    steps = engine.iter_tokens([PROMPT], engine_params(N_TOKENS))
     ours_tokens = [int(next(steps)[0]) for _ in range(N_TOKENS)]
     steps.close()
     assert ours_tokens == ref_tokens

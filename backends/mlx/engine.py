@@ -1,14 +1,11 @@
-"""MlxEngine: the Engine interface on Apple MLX, with mlx_lm's generation loop and caches.
+"""MlxEngine: the decode core on Apple MLX — the same shape as the torch backend's.
 
-Prompt ids always come from the shared ChatFormatter (the Engine base class), never from
-mlx_lm's tokenizer wrapper, so both backends feed the model the same ids. One prompt runs
-through ``mlx_lm.generate_step`` (the token layer under ``stream_generate``; text assembly, stop
-strings and timings are the shared Engine's, so mlx_lm's detokenizer is not needed); a batch of
-several runs as one left-padded batch (``BatchKVCache``) in a small loop here, with the same
-sampler (``backends.mlx.sampling``: the numpy and torch samplers' filter order, which mlx_lm's
-``make_sampler`` does not follow) and mlx_lm's logits processors (repetition penalty). Each
-engine computes on its own stream for its device, so loading a model never changes MLX's global
-default device, and a seeded sampler draws from its own key, never MLX's global random state.
+A slot cache whose rows each have their own length (``cache.py``), one prefill per row, one decode
+step for every running row at its own position; the token loop and the sampler are the shared ones
+of ``minimind_core.engine`` (logits come to the host as float32: 25 KB a row). Prompt ids always
+come from the shared ChatFormatter, never from mlx_lm's tokenizer wrapper, so both backends feed
+the model the same ids. Each engine computes on its own stream for its device, so loading a model
+never changes MLX's global default device, and nothing draws from MLX's global random state.
 """
 
 from __future__ import annotations
@@ -20,15 +17,12 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import BatchKVCache
-from mlx_lm.sample_utils import make_logits_processors
 
 from minimind_core import paths
 from minimind_core.checkpoint import (
@@ -43,9 +37,9 @@ from minimind_core.checkpoint import (
 from minimind_core.config import config_from_json, infer_config
 from minimind_core.dtypes import DTYPE_NAMES
 from minimind_core.engine import Engine
-from minimind_core.params import SamplingParams
 from minimind_core.tokenizer import Tokenizer, find_tokenizer
 
+from .cache import SlotCache
 from .load import (
     WEIGHTS_FILE,
     build_model,
@@ -60,7 +54,6 @@ from .load import (
 from .load import quantize as quantize_weights
 from .lora import set_lora
 from .model import Model
-from .sampling import make_sampler
 
 
 def resolve_device(device: str | mx.Device | None) -> mx.Device:
@@ -107,12 +100,11 @@ class MlxEngine(Engine):
         self.device = device or mx.default_device()
         # All work runs on this stream, so the engine never changes MLX's global default device.
         self._stream = mx.new_thread_local_stream(self.device)
-        self._cache: list | None = None
 
     @classmethod
     def load(cls, path: str | Path, *, device=None, dtype=None, tokenizer=None, lora=None,
              merge_lora: bool = False, quantize: int | None = None, q_group_size: int = 64,
-             **overrides: Any) -> MlxEngine:
+             decode: str = "auto", **overrides: Any) -> MlxEngine:
         """Load an MLX folder (quantized or not), a transformers folder, a ``.safetensors`` file or
         a ``.pth`` file (converted once into a cache folder keyed by its sha256).
 
@@ -120,8 +112,12 @@ class MlxEngine(Engine):
         bfloat16; auto = fp32 on the CPU, fp16 on the GPU (bf16 for bf16 files); a quantized
         folder keeps its own dtype on the GPU and computes in fp32 on the CPU (much faster
         there). quantize: 4 or 8 bits (None/0 = full precision), ``q_group_size`` 32/64/128.
-        Any ModelConfig field may be overridden.
+        decode: "auto" or "eager" (MLX has one decode-step implementation, its own ops). Any
+        ModelConfig field may be overridden.
         """
+        if decode not in ("auto", "eager"):
+            raise ValueError(f"decode={decode!r} is a torch backend implementation; the mlx "
+                             f"backend runs decode='eager' (or 'auto')")
         dev = resolve_device(device)
         bits = check_quantization(quantize, q_group_size)
         if dtype not in (None, "auto"):
@@ -154,7 +150,8 @@ class MlxEngine(Engine):
         # the norms stay floating point in a quantized model, so they tell the compute dtype
         info.update({"device": "gpu" if dev == mx.gpu else "cpu",
                      "dtype": dtype_name(model.model.norm.weight.dtype),
-                     "quantization": quantization_of(model), "tokenizer": str(tok.path)})
+                     "quantization": quantization_of(model), "tokenizer": str(tok.path),
+                     "decode": "eager"})
         name = path.stem if path.is_file() else path.name
         engine = cls(model, tok, device=dev, name=name or "minimind", info=info)
         if lora is not None:
@@ -165,64 +162,38 @@ class MlxEngine(Engine):
         """Apply (or with None remove) a LoRA adapter; implemented in backends.mlx.lora."""
         set_lora(self, lora, merge=merge)
 
-    # ---- the token loop -------------------------------------------------------------------
-    def _steps(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[np.ndarray]:
-        sampler = make_sampler(params)  # transformers' filter order, seeded by its own key
-        processors = make_logits_processors(
-            repetition_penalty=None if params.repetition_penalty == 1.0 else params.repetition_penalty,
-            repetition_context_size=params.repetition_context_size or self.config.max_position_embeddings)
-        if len(prompts) > 1:
-            yield from self._batch_steps(prompts, sampler, processors)
-            return
-        steps = generate_step(mx.array(prompts[0], dtype=mx.int32), self.model, stream=self._stream,
-                              max_tokens=-1, sampler=sampler, logits_processors=processors)
-        try:
-            for token, _ in steps:
-                yield np.array([token], dtype=np.int64)
-        finally:
-            steps.close()
+    # ---- the decode core ------------------------------------------------------------------
+    def _new_cache(self, slots: int, max_len: int) -> SlotCache:
+        c = self.config
+        return SlotCache(c.num_hidden_layers, slots, c.num_key_value_heads, max_len, c.head_dim,
+                         self.model.model.norm.weight.dtype)
 
-    def _batch_steps(self, prompts, sampler, processors) -> Iterator[np.ndarray]:
-        """Several prompts as one left-padded batch; per-row history for the repetition penalty."""
-        histories = [list(p) for p in prompts]
-        logits = self._prefill(prompts, 0)
-        while True:
-            with mx.stream(self._stream):
-                if processors:
-                    rows = []
-                    for i, history in enumerate(histories):
-                        row, seen = logits[i:i + 1], mx.array(history, dtype=mx.int32)
-                        for process in processors:
-                            row = process(seen, row)
-                        rows.append(row)
-                    logits = mx.concatenate(rows, axis=0)
-                logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-                tokens = np.array(sampler(logprobs), dtype=np.int64)
-            yield tokens
-            for history, token in zip(histories, tokens, strict=True):
-                history.append(int(token))
-            logits = self._decode(tokens)
+    def _copy_cache(self, src: SlotCache, dst: SlotCache) -> None:
+        n = src.max_len
+        for layer in range(len(src.keys)):
+            dst.keys[layer][:, :, :n] = src.keys[layer]
+            dst.values[layer][:, :, :n] = src.values[layer]
+        mx.eval(*dst.keys, *dst.values)
 
-    # ---- backend steps (also what the batch loop and parity tests use) --------------------
-    def _prefill(self, prompts: list[list[int]], max_len: int) -> mx.array:
-        longest = max(map(len, prompts))
-        pads = [longest - len(p) for p in prompts]
-        pad_id = self.config.pad_token_id
-        ids = mx.array([[pad_id] * n + list(p) for n, p in zip(pads, prompts, strict=True)], dtype=mx.int32)
-        if len(prompts) == 1:
-            self._cache = self.model.make_cache()
-        else:
-            self._cache = [BatchKVCache(pads) for _ in self.model.layers]
+    def _prefill(self, cache: SlotCache, slot: int, ids: list[int]) -> mx.array:
+        cache.check_room(slot, len(ids))
+        start = int(cache.lengths[slot])
         with mx.stream(self._stream):
-            logits = self.model(ids, self._cache)[:, -1]
-            mx.eval(logits)
+            logits = self.model(mx.array([ids], dtype=mx.int32),
+                                cache.span(slot, start, len(ids)))[0, -1]
+            mx.eval(logits, *cache.keys, *cache.values)
+        cache.lengths[slot] = start + len(ids)
         return logits
 
-    def _decode(self, tokens: np.ndarray) -> mx.array:
+    def _decode_step(self, cache: SlotCache, slots: np.ndarray, tokens: np.ndarray) -> mx.array:
+        positions = cache.lengths[slots]
+        if (positions >= cache.max_len).any():
+            raise ValueError(f"a row is at the end of its cache ({cache.max_len} positions)")
         ids = mx.array(np.asarray(tokens, dtype=np.int32))[:, None]
         with mx.stream(self._stream):
-            logits = self.model(ids, self._cache)[:, -1]
-            mx.eval(logits)
+            logits = self.model(ids, cache.rows(slots, positions))[:, -1]
+            mx.eval(logits, *cache.keys, *cache.values)
+        cache.lengths[slots] = positions + 1
         return logits
 
     def _logits(self, ids: list[int]) -> np.ndarray:
@@ -233,6 +204,9 @@ class MlxEngine(Engine):
 
     def _to_numpy(self, logits: mx.array) -> np.ndarray:
         return np.array(logits.astype(mx.float32))
+
+    def _stack(self, rows: list[mx.array]) -> mx.array:
+        return mx.stack(rows)
 
 
 # ---- sources ----------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ one exception that maps one-to-one: routed experts are stacked into mlx_lm's ``S
 stock mlx_lm's ``qwen3_moe`` uses, so a converted folder loads there as it is.
 
 The model follows mlx_lm's protocol (``__call__(inputs, cache)``, ``.layers``, ``make_cache()``,
-``sanitize()``, ``args``, ``model_type``), so mlx_lm's ``generate_step``, samplers, KV caches and
-``nn.quantize`` work on it unchanged.
+``sanitize()``, ``args``, ``model_type``), so mlx_lm's ``generate_step``, KV caches and
+``nn.quantize`` work on it unchanged; the engine runs it over its own slot cache (``cache.py``).
 """
 
 from __future__ import annotations
@@ -187,11 +187,8 @@ class Backbone(nn.Module):
         h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
         if cache is None:
             cache = [None] * len(self.layers)
-        mask = create_attention_mask(h, cache[0])
-        if isinstance(mask, mx.array):
-            # Left-padded batches: a padding query sees only itself, so no row is fully masked.
-            t, s = mask.shape[-2:]
-            mask = mask | (mx.arange(s - t, s)[:, None] == mx.arange(s)[None])
+        # our slot cache's views give each row's mask; mlx_lm's caches (stock loops) their own
+        mask = cache[0].mask() if hasattr(cache[0], "mask") else create_attention_mask(h, cache[0])
         for layer, c in zip(self.layers, cache, strict=True):
             h = layer(h, mask, c)
         return self.norm(h)

@@ -1,59 +1,59 @@
-"""A preallocated, static-shape KV cache (one tensor for all layers) for the torch backend.
+"""The KV cache of the torch backend: preallocated slots, each row with its own length.
 
-Sequences in a batch are left-padded to one length, so every row writes at the same position and
-one integer ``length`` describes the whole cache. Shapes never change after allocation, which is
-what lets the decode step be captured as a CUDA graph.
+Keys and values are ``[layers, slots, kv_heads, max_len + 1, head_dim]``: the extra last position
+is scratch, where a static-shape step writes the rows that sit out the step. A request takes a free slot
+(as llama.cpp's server does), is prefilled into it, decodes one position a step, and gives the
+slot back; rows never share positions and nothing is padded, so a row's numbers do not depend on
+the other rows, and a row can join or leave between two decode steps without touching the rest.
+Slots rather than pages: shapes stay fixed (what a CUDA graph and the C attention need), and at
+MiniMind's sizes a slot of the whole window costs megabytes, not gigabytes.
 """
 
 from __future__ import annotations
 
 import torch
 
+from minimind_core.slots import Slots
 
-class KVCache:
-    """Keys and values [layers, batch, kv_heads, max_len, head_dim] plus per-row left padding."""
 
-    def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+class KVCache(Slots):
+    """Slots of keys and values plus each slot's filled length (``Slots``)."""
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
-        shape = (layers, batch, kv_heads, max_len, head_dim)
+        super().__init__(slots, max_len)
+        shape = (layers, slots, kv_heads, max_len + 1, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.batch, self.max_len = batch, max_len
-        self.length = 0  # positions filled so far (same for every row)
-        self.pad = torch.zeros(batch, dtype=torch.long, device=device)  # left padding per row
-        self.key_mask: torch.Tensor | None = None  # [B, 1, 1, max_len] True where a key is real
+        self.scratch = max_len  # the position rows that sit out a static step write to
 
-    def fits(self, batch: int, length: int, dtype: torch.dtype) -> bool:
-        return batch == self.batch and length <= self.max_len and dtype == self.k.dtype
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
 
-    def reset(self, pad: torch.Tensor | None = None) -> None:
-        """Start a new batch; ``pad`` gives each row's count of left-padding positions."""
-        self.length = 0
-        if pad is None or not bool((pad > 0).any()):
-            self.pad.zero_()
-            self.key_mask = None
-        else:
-            self.pad.copy_(pad)
-            idx = torch.arange(self.max_len, device=pad.device)
-            self.key_mask = (idx[None, :] >= pad[:, None])[:, None, None, :]
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
 
-    def update_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Static-shape write of one position ``pos`` (a 1-element device tensor); returns the
-        whole cache so shapes never depend on how much of it is filled."""
-        self.k[layer].index_copy_(2, pos, k)
-        self.v[layer].index_copy_(2, pos, v)
-        return self.k[layer], self.v[layer]
+    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        """Write one position per row: k, v [rows, kv_heads, 1, d] at (slots[i], positions[i])."""
+        self.k[layer, slots, :, positions] = k[:, :, 0]
+        self.v[layer, slots, :, positions] = v[:, :, 0]
 
-    def static_mask(self, pos: torch.Tensor) -> torch.Tensor:
-        """[B, 1, 1, max_len] True for keys a query at ``pos`` may see (real, not in the future)."""
-        idx = torch.arange(self.max_len, device=pos.device)
-        return ((idx[None, :] <= pos) & (idx[None, :] >= self.pad[:, None]))[:, None, None, :]
-
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, kv_heads, T, d] at ``start`` and return the filled part of the cache."""
+    def write_span(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [1, kv_heads, T, d] of one row at ``start`` and return its filled keys."""
         end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer, slot, :, start:end] = k[0]
+        self.v[layer, slot, :, start:end] = v[0]
+        return self.k[layer, slot:slot + 1, :, :end], self.v[layer, slot:slot + 1, :, :end]
+
+    def rows(self, layer: int, slots: torch.Tensor | slice, end: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the given slots up to position ``end`` [rows, kv, end, d]: a view
+        when ``slots`` is a slice, a gathered copy otherwise."""
+        if isinstance(slots, slice):
+            return self.k[layer, slots, :, :end], self.v[layer, slots, :, :end]
+        return (self.k[layer].index_select(0, slots)[:, :, :end],
+                self.v[layer].index_select(0, slots)[:, :, :end])

@@ -1,8 +1,10 @@
-"""TorchEngine: the Engine interface on PyTorch (static KV cache, fused projections, SDPA)."""
+"""TorchEngine: the decode core on PyTorch — a slot KV cache, one prefill, and one decode step
+chosen from interchangeable implementations (``steps.py``: eager, native, compiled)."""
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,20 +13,19 @@ import torch
 
 from minimind_core.checkpoint import Checkpoint, load_checkpoint
 from minimind_core.dtypes import canonical_dtype
-from minimind_core.engine import Engine
-from minimind_core.params import SamplingParams
+from minimind_core.engine import Engine, Row
 from minimind_core.tokenizer import Tokenizer, find_tokenizer
 
 from . import native as native_lib
 from .cache import KVCache
 from .lora import set_lora
 from .model import MiniMindForCausalLM
-from .sampling import on_device
-from .static import StaticDecoder, static_steps
+from .sampling import sample as device_sample
+from .steps import DECODE_CHOICES, CompiledStep, EagerStep
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-NATIVE_MAX_ROW_KEYS = 4096  # batch x attended keys up to which the native CPU step runs
-CACHE_STEP = 256  # cache lengths are rounded up to this, so one cache serves many requests
+NATIVE_MAX_ROW_KEYS = 4096  # rows x attended keys up to which "auto" keeps the native CPU step
+DEPRECATED = {"native", "compile", "cuda_graphs", "static"}  # the old switches, now decode=
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -58,57 +59,58 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 class TorchEngine(Engine):
-    """MiniMind on PyTorch. Build with ``minimind_core.load(path, backend="torch")``."""
+    """MiniMind on PyTorch. Build with ``minimind_core.load(path, backend="torch")``.
+
+    ``decode`` picks the decode-step implementation: "eager" (plain torch ops), "native" (CPU
+    float32, small ops in C), "compiled" (static shapes under torch.compile; a CUDA graph on
+    CUDA) or "auto": compiled on CUDA, native on CPU float32 when the C kernels build (eager for
+    large batches with long contexts, where torch's threaded matmuls win), else eager.
+    """
 
     backend = "torch"
 
     def __init__(self, model: MiniMindForCausalLM, tokenizer: Tokenizer, *, name: str = "minimind",
-                 info: dict[str, Any] | None = None, static: str | None = None,
-                 sync_every: int = 8, native: bool = True) -> None:
+                 info: dict[str, Any] | None = None, decode: str = "auto") -> None:
         super().__init__(model.config, tokenizer, name=name, info=info)
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.cache: KVCache | None = None
-        if static not in (None, "eager", "compile", "graph"):
-            raise ValueError(f"static must be None, 'eager', 'compile' or 'graph', got {static!r}")
-        if static == "graph" and self.device.type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA device; use static='compile' or None on "
-                             f"{self.device.type}")
-        self.static, self.sync_every = static, sync_every
-        self._decoders: dict[str, Any] = {}  # per cache: static steps and the native step
-        # CPU float32: the small ops of a decode step run in C (backends/torch/native.py)
+        if decode not in DECODE_CHOICES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_CHOICES)}; got {decode!r}")
+        self.decode = decode
+        model.build_rope(self.device, self.dtype)  # the whole window, once
         cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
-        self._native = native_lib.library() if native and cpu_fp32 and static is None else None
+        self._native = native_lib.library() if cpu_fp32 and decode in ("auto", "native") else None
+        self._impls: dict[str, Any] = {}  # implementation name -> step built on the cache
         self._weights_changed()
 
     @classmethod
     def load(cls, path: str | Path, *, device=None, dtype=None, tokenizer=None, lora=None,
-             merge_lora: bool = False, compile: bool = False, cuda_graphs: bool | None = None,
-             quantize: int | None = None, q_group_size: int | None = None,
-             threads: int | None = None, native: bool = True, **overrides: Any) -> TorchEngine:
+             merge_lora: bool = False, decode: str = "auto", quantize: int | None = None,
+             q_group_size: int | None = None, threads: int | None = None,
+             **overrides: Any) -> TorchEngine:
         """Read a checkpoint (any supported form), find its tokenizer and build the engine.
 
-        On CUDA the decode step runs as a CUDA graph unless ``cuda_graphs=False``;
-        ``compile=True`` compiles the static decode step with torch.compile (CPU or GPU).
-        On CPU in float32 the decode step's small ops run in C (``backends/torch/native.py``)
-        unless ``native=False``; the numbers are the same either way.
+        ``decode``: "auto", "eager", "native" or "compiled" (see the class). The old switches
+        ``native=``, ``compile=``, ``cuda_graphs=`` and ``static=`` still work, with a
+        DeprecationWarning.
         """
+        decode = _decode_from_deprecated(decode, {k: overrides.pop(k) for k in list(overrides)
+                                                  if k in DEPRECATED})
         if quantize or q_group_size:
             raise ValueError(f"quantize={quantize} is for the MLX backend (backend='mlx'); the "
                              "torch backend runs float32/float16/bfloat16 (dtype=...)")
         ckpt = load_checkpoint(path, **overrides)
         tok = find_tokenizer(ckpt.path, tokenizer)
-        engine = cls.from_checkpoint(ckpt, tok, device=device, dtype=dtype, compile=compile,
-                                     cuda_graphs=cuda_graphs, threads=threads, native=native)
+        engine = cls.from_checkpoint(ckpt, tok, device=device, dtype=dtype, decode=decode,
+                                     threads=threads)
         if lora is not None:
             engine.set_lora(lora, merge=merge_lora)
         return engine
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, tokenizer: Tokenizer, *, device=None,
-                        dtype=None, compile: bool = False, cuda_graphs: bool | None = None,
-                        threads: int | None = None, native: bool = True) -> TorchEngine:
+                        dtype=None, decode: str = "auto", threads: int | None = None) -> TorchEngine:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         if dev.type == "cpu":
@@ -117,22 +119,7 @@ class TorchEngine(Engine):
         info = {"path": str(ckpt.path), "file_dtype": ckpt.file_dtype, "device": str(dev),
                 "threads": torch.get_num_threads() if dev.type == "cpu" else None,
                 "dtype": str(dt).removeprefix("torch."), "tokenizer": str(tokenizer.path)}
-        use_graphs = dev.type == "cuda" if cuda_graphs is None else cuda_graphs
-        static = "graph" if use_graphs else ("compile" if compile else None)
-        return cls(model, tokenizer, name=Path(ckpt.path).stem, info=info, static=static,
-                   native=native)
-
-    def _steps(self, prompts: list[list[int]], params: SamplingParams):
-        if self.static is None or not on_device(params):
-            return super()._steps(prompts, params)
-        return static_steps(self, prompts, params, self.static,
-                            1 if self.device.type == "cpu" else self.sync_every)
-
-    def _static_decoder(self, mode: str) -> StaticDecoder:
-        """One captured/compiled step per cache (the cache fixes batch bucket and length)."""
-        if mode not in self._decoders:
-            self._decoders[mode] = StaticDecoder(self.model, self.cache, mode)
-        return self._decoders[mode]
+        return cls(model, tokenizer, name=Path(ckpt.path).stem, info=info, decode=decode)
 
     def set_lora(self, lora: Any, merge: bool = False) -> None:
         """Apply (or with None remove) a LoRA adapter; implemented in backends.torch.lora."""
@@ -140,58 +127,83 @@ class TorchEngine(Engine):
 
     def _weights_changed(self) -> None:
         """Drop the steps built on the old weights (a captured graph replays old kernels; an
-        unmerged LoRA rules the native step out) and say which decode step now runs."""
-        self._decoders.clear()
-        self._use_native = self._native is not None and native_lib.supported(
+        unmerged LoRA rules the native step out) and decide which step runs now."""
+        self._impls.clear()
+        native_ok = self._native is not None and native_lib.supported(
             self.model, self.device, self.dtype)
-        self.info["decode"] = self.static or ("native" if self._use_native else "eager")
+        if self.decode == "native" and not native_ok:
+            raise ValueError(f"decode='native' cannot run here: {self._native_reason()}; "
+                             f"use decode='eager' or 'compiled' (or 'auto')")
+        if self.decode == "auto":
+            self._impl = "compiled" if self.device.type == "cuda" else (
+                "native" if native_ok else "eager")
+        else:
+            self._impl = self.decode
+        self.info["decode"] = self._impl
 
-    # ---- backend steps ------------------------------------------------------------------
-    def _ensure_cache(self, batch: int, length: int) -> KVCache:
-        length = min(-(-length // CACHE_STEP) * CACHE_STEP, self.config.max_position_embeddings)
-        if self.cache is None or not self.cache.fits(batch, length, self.dtype):
-            c = self.config
-            self.cache = None  # free the old one (and the steps captured on it) first
-            self._decoders.clear()
-            self.cache = KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, length,
-                                 c.head_dim, self.dtype, self.device)
-        return self.cache
+    def _native_reason(self) -> str:
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            return f"it is for CPU float32 (this engine: {self.device.type} {self.dtype})"
+        if self._native is None:
+            return "the C kernels could not be built (no compiler, or MINIMIND_NATIVE=0)"
+        return "an unmerged LoRA is loaded (merge it: merge_lora=True)"
+
+    # ---- the decode core ----------------------------------------------------------------
+    def _new_cache(self, slots: int, max_len: int) -> KVCache:
+        c = self.config
+        self._impls.clear()  # steps hold the old cache's buffers
+        return KVCache(c.num_hidden_layers, slots, c.num_key_value_heads, max_len, c.head_dim,
+                       self.dtype, self.device)
+
+    def _copy_cache(self, src: KVCache, dst: KVCache) -> None:
+        n = src.max_len
+        dst.k[:, :, :, :n].copy_(src.k[:, :, :, :n])
+        dst.v[:, :, :, :n].copy_(src.v[:, :, :, :n])
+
+    def _cache_for(self, slots: int, max_len: int) -> KVCache:
+        cache = super()._cache_for(slots, max_len)
+        if self._impl == "compiled" and cache.slots > 2 * slots and not cache.used.any():
+            # the compiled step computes every slot: do not run 1 row through 16
+            self._cache = None
+            self._impls.clear()
+            cache = self._cache = self._new_cache(slots, cache.max_len)
+        return cache
+
+    def _step(self, name: str, cache: KVCache):
+        step = self._impls.get(name)
+        if step is None or step.cache is not cache:
+            if name == "native":
+                step = native_lib.NativeStep(self.model, cache, self._native)
+            elif name == "compiled":
+                step = CompiledStep(self.model, cache)
+            else:
+                step = EagerStep(self.model, cache)
+            self._impls[name] = step
+        return step
 
     @torch.inference_mode()
-    def _prefill(self, prompts: list[list[int]], max_len: int) -> torch.Tensor:
-        longest = max(map(len, prompts))
-        cache = self._ensure_cache(len(prompts), max_len)
-        pad_id = self.config.pad_token_id
-        ids = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts],
-                           dtype=torch.long, device=self.device)
-        pad = torch.tensor([longest - len(p) for p in prompts], dtype=torch.long, device=self.device)
-        cache.reset(pad)
-        logits = self.model(ids, cache, 0, last_only=True)
-        cache.length = longest
-        return logits[:, -1]
-
-    def _native_decoder(self) -> native_lib.NativeDecoder | None:
-        """The C-assisted CPU step for the current cache, when it covers this model's state."""
-        if not self._use_native:
-            return None
-        if "native" not in self._decoders:
-            self._decoders["native"] = native_lib.NativeDecoder(self.model, self.cache,
-                                                                self._native)
-        return self._decoders["native"]
+    def _prefill(self, cache: KVCache, slot: int, ids: list[int]) -> torch.Tensor:
+        cache.check_room(slot, len(ids))
+        start = int(cache.lengths[slot])
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        logits = self.model(x, cache, slot, start, last_only=True)
+        cache.lengths[slot] = start + len(ids)
+        return logits[0, -1]
 
     @torch.inference_mode()
-    def _decode(self, tokens: np.ndarray) -> torch.Tensor:
-        cache = self.cache
-        step = self._native_decoder()
+    def _decode_step(self, cache: KVCache, slots: np.ndarray, tokens: np.ndarray
+                     ) -> torch.Tensor:
+        positions = cache.lengths[slots]
+        if (positions >= cache.max_len).any():
+            raise ValueError(f"a row is at the end of its cache ({cache.max_len} positions)")
+        name = self._impl
         # the C attention is single-threaded: past a few thousand (row, key) pairs per step,
         # torch's threaded batched matmuls win (measured: equal at 4 rows x 1024 keys)
-        if step is not None and (cache.batch == 1 or cache.batch * (cache.length + 1)
-                                 <= NATIVE_MAX_ROW_KEYS):
-            logits = step.step(tokens, cache.length)
-        else:
-            ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=self.device)[:, None]
-            logits = self.model(ids, cache, cache.length)[:, -1]
-        cache.length += 1
+        if (name == "native" and self.decode == "auto" and len(slots) > 1
+                and len(slots) * (int(positions.max()) + 1) > NATIVE_MAX_ROW_KEYS):
+            name = "eager"
+        logits = self._step(name, cache)(slots, positions, tokens)
+        cache.lengths[slots] = positions + 1
         return logits
 
     @torch.inference_mode()
@@ -202,10 +214,27 @@ class TorchEngine(Engine):
     def _to_numpy(self, logits: torch.Tensor) -> np.ndarray:
         return logits.float().cpu().numpy()
 
-    def _sample(self, logits, params: SamplingParams, histories, rng) -> np.ndarray:
-        if params.greedy and params.repetition_penalty == 1.0:  # argmax on the device
-            return logits.argmax(dim=-1).cpu().numpy()
-        return super()._sample(logits, params, histories, rng)
+    def _stack(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(rows)
+
+    def _sample(self, logits: torch.Tensor, rows: list[Row]) -> np.ndarray:
+        if self.device.type == "cuda":  # the same sampler contract on the device: B ids cross
+            return device_sample(logits, rows)
+        return super()._sample(logits, rows)
+
+
+def _decode_from_deprecated(decode: str, old: dict[str, Any]) -> str:
+    """``decode`` from the switches it replaced (``native=``, ``compile=``, ``cuda_graphs=``,
+    ``static=``), each with a DeprecationWarning; the same behaviour as before."""
+    if not old:
+        return decode
+    warnings.warn(f"{', '.join(f'{k}=' for k in old)} is deprecated; use decode='auto'|'eager'|"
+                  f"'native'|'compiled'", DeprecationWarning, stacklevel=3)
+    if old.get("compile") or old.get("static") in ("compile", "graph") or old.get("cuda_graphs"):
+        return "compiled"
+    if old.get("native") is False or old.get("cuda_graphs") is False or old.get("static") == "eager":
+        return "eager"
+    return decode
 
 
 def cpu_threads(parameters: int, threads: int | None) -> int:

@@ -4,7 +4,7 @@
  * headers) and calls it through ctypes; the matrix products stay in torch (MKL, threaded).
  * Each function replaces 5-15 small torch ops, whose dispatch costs more than their arithmetic
  * at batch 1. Shapes follow backends/torch/model.py: rows of a batch are contiguous, the KV
- * cache of one layer is [batch, kv_heads, max_len, head_dim], RoPE tables are [positions,
+ * cache of one layer is [slots, kv_heads, positions, head_dim], RoPE tables are [positions,
  * head_dim] with the signed sine cat(-sin, sin).
  */
 #include <math.h>
@@ -62,43 +62,49 @@ static void rope_head(float *dst, const float *src, const float *norm_w, float e
     for (int i = 0; i < d; i++) dst[i] = src[i] * cos[i] + src[i < half ? i + half : i - half] * sin[i];
 }
 
-/* One query position per row: RoPE (after MiniMind-3's q/k RMSNorm when qk_w is not NULL) on
- * q and k, k and v written to the cache at `pos`, then softmax(q k^T / sqrt(d)) v over the keys
- * pad[b]..pos of the row. qkv is [rows, (heads + 2 kv_heads) * d]; out is [rows, heads * d];
- * qk_w is [heads + kv_heads, d] (q_norm's weight per q head, then k_norm's); scores needs
- * max_len floats. Returns -1 (nothing done) when d is larger than MAX_HEAD_DIM or odd, or pos
- * is outside the cache. */
+/* One query per row, each row at its own cache slot and position: RoPE (after MiniMind-3's q/k
+ * RMSNorm when qk_w is not NULL) on q and k at positions[b], k and v written to the cache at
+ * (slots[b], positions[b]), then softmax(q k^T / sqrt(d)) v over keys 0..positions[b] of that
+ * slot. qkv is [rows, (heads + 2 kv_heads) * d]; out is [rows, heads * d]; the cache of one layer
+ * is [n_slots, kv_heads, stride, d]; qk_w is [heads + kv_heads, d] (q_norm's weight per q head,
+ * then k_norm's); scores needs stride floats. Returns -1 (nothing done) when d is larger than
+ * MAX_HEAD_DIM or odd, or a slot or position is outside the cache or the RoPE table. */
 int attend(const float *qkv, float *out, float *kc, float *vc, const float *cos_t,
-           const float *sin_t, const float *qk_w, float eps, const int64_t *pad, int rows,
-           int heads, int kv_heads, int d, int max_len, int pos, float *scores) {
-    if (d > MAX_HEAD_DIM || d % 2 || pos < 0 || pos >= max_len) return -1;
+           const float *sin_t, const float *qk_w, float eps, const int64_t *slots,
+           const int64_t *positions, int rows, int heads, int kv_heads, int d, int stride,
+           int n_slots, int rope_len, float *scores) {
+    if (d > MAX_HEAD_DIM || d % 2) return -1;
+    for (int b = 0; b < rows; b++)
+        if (slots[b] < 0 || slots[b] >= n_slots || positions[b] < 0 || positions[b] >= stride ||
+            positions[b] >= rope_len)
+            return -1;
     int group = heads / kv_heads, width = (heads + 2 * kv_heads) * d;
     float scale = 1.0f / sqrtf((float)d), q[MAX_HEAD_DIM];
     for (int b = 0; b < rows; b++) {
         const float *row = qkv + (int64_t)b * width;
-        int p = pos - (int)pad[b], first = (int)pad[b];
-        if (p < 0) p = 0;
-        const float *c = cos_t + (int64_t)p * d, *s = sin_t + (int64_t)p * d;
+        int pos = (int)positions[b];
+        int64_t slot = slots[b];
+        const float *c = cos_t + (int64_t)pos * d, *s = sin_t + (int64_t)pos * d;
         for (int g = 0; g < kv_heads; g++) {
-            int64_t at = (((int64_t)b * kv_heads + g) * max_len + pos) * d;
+            int64_t at = ((slot * kv_heads + g) * stride + pos) * d;
             rope_head(kc + at, row + (heads + g) * d, qk_w ? qk_w + (heads + g) * d : NULL, eps,
                       c, s, d);
             memcpy(vc + at, row + (heads + kv_heads + g) * d, sizeof(float) * d);
         }
         for (int h = 0; h < heads; h++) {
             int g = h / group;
-            const float *k = kc + ((int64_t)b * kv_heads + g) * max_len * d;
-            const float *v = vc + ((int64_t)b * kv_heads + g) * max_len * d;
+            const float *k = kc + (slot * kv_heads + g) * stride * d;
+            const float *v = vc + (slot * kv_heads + g) * stride * d;
             rope_head(q, row + h * d, qk_w ? qk_w + h * d : NULL, eps, c, s, d);
             float top = -INFINITY, total = 0.0f;
-            for (int j = first; j <= pos; j++) {
+            for (int j = 0; j <= pos; j++) {
                 scores[j] = dot(q, k + (int64_t)j * d, d) * scale;
                 if (scores[j] > top) top = scores[j];
             }
-            for (int j = first; j <= pos; j++) total += scores[j] = expf(scores[j] - top);
+            for (int j = 0; j <= pos; j++) total += scores[j] = expf(scores[j] - top);
             float inv = 1.0f / total, *o = out + ((int64_t)b * heads + h) * d;
             memset(o, 0, sizeof(float) * d);
-            for (int j = first; j <= pos; j++) {
+            for (int j = 0; j <= pos; j++) {
                 float pj = scores[j] * inv;
                 const float *vj = v + (int64_t)j * d;
                 for (int i = 0; i < d; i++) o[i] += pj * vj[i];

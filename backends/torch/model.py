@@ -7,6 +7,8 @@ and turns the original parameters into views of them, so names and storage stay 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +17,25 @@ from minimind_core.config import ModelConfig
 from minimind_core.rope import rope_cos_sin
 
 from .cache import KVCache
+
+
+@dataclass
+class Span:
+    """Where a prefill writes: positions ``start..start+T`` of one cache slot."""
+
+    slot: int
+    start: int
+
+
+@dataclass
+class Rows:
+    """Where a decode step writes: one position per row, ``positions[i]`` of ``slots[i]``;
+    ``view`` selects the rows' keys (a slice when the slots are contiguous: no copy) up to ``end``."""
+
+    slots: torch.Tensor
+    positions: torch.Tensor
+    view: torch.Tensor | slice
+    end: int
 
 
 class RMSNorm(nn.Module):
@@ -93,7 +114,8 @@ class Attention(nn.Module):
         return (probs @ v).reshape(b, self.heads, 1, self.head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, start: int, mask: torch.Tensor | None) -> torch.Tensor:
+                cache: KVCache | None, where: Span | Rows | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
         h, kv, d = self.heads, self.kv_heads, self.head_dim
         if self.wqkv is not None:
@@ -109,16 +131,18 @@ class Attention(nn.Module):
         qk = apply_rope(qk, cos, sin).transpose(1, 2)
         q, k = qk[:, :h], qk[:, h:]
         v = qkv[..., (h + kv) * d:].unflatten(-1, (kv, d)).transpose(1, 2)
-        if isinstance(start, torch.Tensor):  # static decode step: whole cache, shapes fixed
-            k, v = cache.update_at(self.layer, start, k, v)
-        elif cache is not None:
-            k, v = cache.update(self.layer, start, k, v)
-        if t == 1:
+        if isinstance(where, Rows):  # decode: one query per row against its own slot
+            cache.write(self.layer, where.slots, where.positions, k, v)
+            k, v = cache.rows(self.layer, where.view, where.end)
             out = self._attend_one(q, k, v, mask)
-        elif mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0, enable_gqa=True)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            if isinstance(where, Span):  # prefill of one row into its slot
+                k, v = cache.write_span(self.layer, where.slot, where.start, k, v)
+            if mask is None:  # from position 0 (a query of one later token sees every key)
+                causal = t > 1 and (where is None or where.start == 0)
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
         return self._project(out, "o_proj")
 
@@ -187,8 +211,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
                                                 cfg.norm_weight_in_fp32)
 
-    def forward(self, x, cos, sin, cache, start, mask):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask)
+    def forward(self, x, cos, sin, cache, where, mask):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, where, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -214,57 +238,56 @@ class MiniMindForCausalLM(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size)
         self.lm_head.weight = self.model.embed_tokens.weight
-        self._rope_len = 0
         self.rope_cos = self.rope_sin = torch.zeros(0)
 
-    def rope(self, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed-sin tables of at least ``length`` rows, built once, grown on demand."""
-        if (length > self._rope_len or self.rope_cos.dtype != dtype
-                or self.rope_cos.device != device):
-            n = max(length, min(4096, self.config.max_position_embeddings))
-            cos, sin = rope_cos_sin(self.config, n)
-            sin[:, : sin.shape[1] // 2] *= -1  # cat(-sin, sin): see apply_rope
-            self.rope_cos = torch.from_numpy(cos).to(device=device, dtype=dtype)
-            self.rope_sin = torch.from_numpy(sin).to(device=device, dtype=dtype)
-            self._rope_len = n
+    def build_rope(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        """cos and signed-sin tables for the whole context window, built once (a captured graph
+        and the C step hold their addresses, so they are never reallocated afterwards)."""
+        n = self.config.max_position_embeddings
+        cos, sin = rope_cos_sin(self.config, n)
+        sin[:, : sin.shape[1] // 2] *= -1  # cat(-sin, sin): see apply_rope
+        self.rope_cos = torch.from_numpy(cos).to(device=device, dtype=dtype)
+        self.rope_sin = torch.from_numpy(sin).to(device=device, dtype=dtype)
+
+    def _tables(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rope_cos.device != x.device or self.rope_cos.dtype != x.dtype:
+            self.build_rope(x.device, x.dtype)  # once per device/dtype, at the first call
         return self.rope_cos, self.rope_sin
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, start: int = 0,
-                last_only: bool = False) -> torch.Tensor:
-        """Logits for ``input_ids`` [B, T] placed at cache positions ``start..start+T``."""
-        b, t = input_ids.shape
-        x = self.model.embed_tokens(input_ids)
-        cos_t, sin_t = self.rope(start + t, x.device, x.dtype)
-        mask = None
-        if cache is not None and cache.key_mask is not None:
-            # left-padded batch: each row's RoPE positions start at its first real token
-            pos = (torch.arange(start, start + t, device=x.device)[None, :] - cache.pad[:, None]).clamp_(min=0)
-            cos, sin = cos_t[pos][:, :, None, :], sin_t[pos][:, :, None, :]
-            # a padding query sees only itself, so no row is fully masked (that would give NaN)
-            own = _causal(t, start, x.device).triu_(start)
-            mask = (cache.key_mask[..., : start + t] & _causal(t, start, x.device)) | own
-        else:
-            cos, sin = cos_t[start:start + t][:, None, :], sin_t[start:start + t][:, None, :]
-            if t > 1 and start > 0:  # chunked prefill: causal mask aligned to the cache end
-                mask = _causal(t, start, x.device)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, start, mask)
-        if last_only:
-            x = x[:, -1:]
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.model.norm(x), self.lm_head.weight)
 
-    def decode_static(self, input_ids: torch.Tensor, cache: KVCache, pos: torch.Tensor
-                      ) -> torch.Tensor:
-        """One decode step with every shape fixed (B, cache length): ``pos`` is a 1-element
-        device tensor, so the step can be captured as a CUDA graph or compiled."""
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, slot: int = 0,
+                start: int = 0, last_only: bool = False) -> torch.Tensor:
+        """Logits for ``input_ids`` [B, T] (no cache: positions 0..T-1), or with a cache for one
+        row [1, T] placed at positions ``start..start+T`` of ``slot`` (a prefill, chunked when
+        ``start > 0``)."""
+        t = input_ids.shape[1]
         x = self.model.embed_tokens(input_ids)
-        cos_t, sin_t = self.rope_cos, self.rope_sin  # built to the cache length beforehand
-        row_pos = (pos - cache.pad).clamp(min=0)  # [B]: RoPE position of each row
-        cos, sin = cos_t[row_pos][:, None, None, :], sin_t[row_pos][:, None, None, :]
-        mask = cache.static_mask(pos)
+        cos_t, sin_t = self._tables(x)
+        if start + t > cos_t.shape[0]:
+            raise ValueError(f"positions up to {start + t} are past the context window of "
+                             f"{cos_t.shape[0]}")
+        cos, sin = cos_t[start:start + t][:, None, :], sin_t[start:start + t][:, None, :]
+        where = Span(slot, start) if cache is not None else None
+        mask = _causal(t, start, x.device) if t > 1 and start > 0 else None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, pos, mask)
-        return F.linear(self.model.norm(x), self.lm_head.weight)[:, -1]
+            x = layer(x, cos, sin, cache, where, mask)
+        return self._head(x[:, -1:] if last_only else x)
+
+    def decode(self, input_ids: torch.Tensor, cache: KVCache, where: Rows) -> torch.Tensor:
+        """One token per row (``input_ids`` [B, 1]) at each row's own position → logits [B, V].
+        With ``where.end`` fixed (the whole cache) every shape is static: the step compiles and
+        can be captured as a CUDA graph."""
+        x = self.model.embed_tokens(input_ids)
+        cos_t, sin_t = self._tables(x)
+        rope_pos = where.positions.clamp(max=cos_t.shape[0] - 1)  # scratch rows: any valid row
+        cos, sin = cos_t[rope_pos][:, None, None, :], sin_t[rope_pos][:, None, None, :]
+        keys = torch.arange(where.end, device=x.device)
+        mask = (keys[None, :] <= where.positions[:, None])[:, None, None, :]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, where, mask)
+        return self._head(x)[:, -1]
 
     def set_dense_routing(self, dense: bool) -> None:
         """MoE layers compute every expert, masked: no data-dependent shapes or host syncs."""

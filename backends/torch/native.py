@@ -2,13 +2,13 @@
 
 At batch 1 a decode step of the 26M model is ~35 matrix-vector products (the memory floor,
 ~9 ms here) and ~300 tiny torch ops (norms, RoPE, cache writes, attention, SiLU) whose dispatch
-costs ~5 ms more. ``NativeDecoder`` keeps the products in torch (MKL, threaded, written into
+costs ~5 ms more. ``NativeStep`` keeps the products in torch (MKL, threaded, written into
 preallocated buffers) and does everything between two products in one C call.
 
 ``kernels.c`` is compiled once per machine with the system C compiler (``$CC`` or ``cc``) into
 ``native/`` of minimind-core's cache (``$MINIMIND_CACHE``, default ``~/.cache/minimind-core``;
 ~0.4 s, no torch headers). Without a working compiler or cache folder, with
-``MINIMIND_NATIVE=0`` or ``load(..., native=False)``, the engine keeps its plain torch decode
+``MINIMIND_NATIVE=0`` or ``load(..., decode="eager")``, the engine keeps its plain torch decode
 step: same numbers, slower.
 """
 
@@ -47,7 +47,7 @@ _p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
     "add_rms_norm": [_p, _p, _p, _p, _i, _i, _f],
     "silu_mul": [_p, _p, _i, _i],
-    "attend": [_p, _p, _p, _p, _p, _p, _p, _f, _p, _i, _i, _i, _i, _i, _i, _p],
+    "attend": [_p, _p, _p, _p, _p, _p, _p, _f, _p, _p, _i, _i, _i, _i, _i, _i, _i, _p],
 }
 
 
@@ -134,39 +134,44 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-class NativeDecoder:
-    """One decode step for a given cache: ``step(tokens, pos)`` -> logits [B, vocab].
+class NativeStep:
+    """The decode step for one cache: ``step(slots, positions, tokens)`` -> logits [rows, vocab].
 
-    The buffers and the arguments of every C call are built once here, so a step is the
-    embedding lookup, four ``torch.mm(out=)`` and four C calls per layer, and the head.
+    Buffers hold up to every slot of the cache (a step uses their first ``rows`` rows) and the
+    weights' layout is prepared once here, so a step is the embedding lookup, four
+    ``torch.mm(out=)`` and four C calls per layer, and the head.
     """
 
+    name = "native"
+
     def __init__(self, model: MiniMindForCausalLM, cache: KVCache, lib: ctypes.CDLL) -> None:
-        cfg, b = model.config, cache.batch
+        cfg, n = model.config, cache.slots
         self.model, self.cache, self.lib = model, cache, lib
         h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        hidden, eps = cfg.hidden_size, cfg.rms_norm_eps
-        self.eps, self.hidden = eps, hidden
+        self.shape = (h, kv, d)
+        self.eps, self.hidden = cfg.rms_norm_eps, cfg.hidden_size
 
         def buf(*shape: int) -> torch.Tensor:
             return torch.empty(shape, dtype=torch.float32, device="cpu")
 
-        self.x, self.xn, self.delta = buf(b, hidden), buf(b, hidden), buf(b, hidden)
-        self.qkv, self.att = buf(b, (h + 2 * kv) * d), buf(b, h * d)
-        self.h13, self.act = buf(b, 2 * cfg.intermediate_size), buf(b, cfg.intermediate_size)
-        self.logits = buf(b, cfg.vocab_size)
-        self.scores = buf(cache.max_len)
-        model.rope(cache.max_len, torch.device("cpu"), torch.float32)
+        hidden = cfg.hidden_size
+        self.x, self.xn, self.delta = buf(n, hidden), buf(n, hidden), buf(n, hidden)
+        self.qkv, self.att = buf(n, (h + 2 * kv) * d), buf(n, h * d)
+        self.h13, self.act = buf(n, 2 * cfg.intermediate_size), buf(n, cfg.intermediate_size)
+        self.logits = buf(n, cfg.vocab_size)
+        self.scores = buf(cache.max_len + 1)
+        self.slots = torch.zeros(n, dtype=torch.long)
+        self.positions = torch.zeros(n, dtype=torch.long)
+        if model.rope_cos.dtype != torch.float32 or model.rope_cos.device.type != "cpu":
+            model.build_rope("cpu", torch.float32)
         self.cos, self.sin = model.rope_cos, model.rope_sin  # kept alive: their pointers are used
         self.layers = []
         for i, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
             qk_w = attn.qk_norm_weight.contiguous() if attn.qk_norm else None
-            attend = (_ptr(self.qkv), _ptr(self.att), _ptr(cache.k[i]), _ptr(cache.v[i]),
-                      _ptr(self.cos), _ptr(self.sin), qk_w.data_ptr() if qk_w is not None else None,
-                      eps, _ptr(cache.pad), b, h, kv, d, cache.max_len)
             dense = isinstance(mlp, MLP) and mlp.w13 is not None
-            self.layers.append((attn.wqkv.t(), attend, attn.o_proj.weight.t(),
+            self.layers.append((attn.wqkv.t(), (_ptr(cache.k[i]), _ptr(cache.v[i])),
+                                attn.o_proj.weight.t(),
                                 layer.post_attention_layernorm.weight.data_ptr(),
                                 mlp.w13.t() if dense else None,
                                 mlp.down_proj.weight.t() if dense else mlp,
@@ -175,31 +180,43 @@ class NativeDecoder:
         self.norms = [w.data_ptr() for w in norms[1:]] + [model.model.norm.weight.data_ptr()]
         self.first_norm = norms[0].data_ptr()
         self.embed, self.head = model.model.embed_tokens.weight, model.lm_head.weight.t()
-        self.rows = b
 
-    def step(self, tokens: np.ndarray, pos: int) -> torch.Tensor:
-        """Logits [B, vocab] for ``tokens`` [B] at cache position ``pos`` (writes the cache)."""
-        lib, x, xn, delta, b, n, eps = (self.lib, self.x, self.xn, self.delta, self.rows,
-                                        self.hidden, self.eps)
+    def __call__(self, slots: np.ndarray, positions: np.ndarray, tokens: np.ndarray
+                 ) -> torch.Tensor:
+        """Logits [rows, vocab] for ``tokens`` at ``positions`` of ``slots`` (writes the cache)."""
+        lib, eps, n, cache = self.lib, self.eps, self.hidden, self.cache
+        b = len(slots)
+        if not 0 < b <= cache.slots or len(positions) != b or len(tokens) != b:
+            raise ValueError(f"native step: {b} rows ({len(positions)} positions, {len(tokens)} "
+                             f"tokens) for a cache of {cache.slots} slots")
+        x, xn, delta = self.x[:b], self.xn[:b], self.delta[:b]
+        qkv, att, h13, act = self.qkv[:b], self.att[:b], self.h13[:b], self.act[:b]
         xp, xnp, dp = x.data_ptr(), xn.data_ptr(), delta.data_ptr()
+        self.slots[:b] = torch.from_numpy(np.asarray(slots, dtype=np.int64))
+        self.positions[:b] = torch.from_numpy(np.asarray(positions, dtype=np.int64))
+        h, kv, d = self.shape
         ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64).reshape(-1))
-        if ids.numel() != b or not 0 <= pos < self.cache.max_len:  # C would write out of bounds
-            raise ValueError(f"native step: {ids.numel()} tokens at position {pos} for a cache "
-                             f"of {b} rows and {self.cache.max_len} positions")
         torch.index_select(self.embed, 0, ids, out=x)
         lib.add_rms_norm(xp, None, xnp, self.first_norm, b, n, eps)
-        for (wqkv, attend, wo, post_norm, w13, down, _), next_norm in zip(self.layers, self.norms):
-            torch.mm(xn, wqkv, out=self.qkv)
-            if lib.attend(*attend, pos, self.scores.data_ptr()):
-                raise RuntimeError("native attention refused its arguments (head size, position)")
-            torch.mm(self.att, wo, out=delta)
+        for (wqkv, (kc, vc), wo, post_norm, w13, down, qk_w), next_norm in zip(self.layers,
+                                                                            self.norms):
+            torch.mm(xn, wqkv, out=qkv)
+            if lib.attend(qkv.data_ptr(), att.data_ptr(), kc, vc, self.cos.data_ptr(),
+                          self.sin.data_ptr(), qk_w.data_ptr() if qk_w is not None else None,
+                          eps, self.slots.data_ptr(), self.positions.data_ptr(), b, h, kv, d,
+                          cache.max_len + 1, cache.slots, self.cos.shape[0],
+                          self.scores.data_ptr()):
+                raise ValueError("native attention refused its arguments (a slot or position "
+                                 "outside the cache or the RoPE table, or the head size)")
+            torch.mm(att, wo, out=delta)
             lib.add_rms_norm(xp, dp, xnp, post_norm, b, n, eps)
             if w13 is not None:
-                torch.mm(xn, w13, out=self.h13)
-                lib.silu_mul(self.act.data_ptr(), self.h13.data_ptr(), b, self.act.shape[1])
-                torch.mm(self.act, down, out=delta)
+                torch.mm(xn, w13, out=h13)
+                lib.silu_mul(act.data_ptr(), h13.data_ptr(), b, act.shape[1])
+                torch.mm(act, down, out=delta)
             else:  # MoE: routing and experts stay in torch
                 delta.copy_(down(xn[:, None]).view(b, n))
             lib.add_rms_norm(xp, dp, xnp, next_norm, b, n, eps)
-        torch.mm(xn, self.head, out=self.logits)
-        return self.logits.clone()  # the buffer is rewritten by the next step
+        logits = self.logits[:b]
+        torch.mm(xn, self.head, out=logits)
+        return logits.clone()  # the buffer is rewritten by the next step

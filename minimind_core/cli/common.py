@@ -173,6 +173,10 @@ def add_model_args(parser: argparse.ArgumentParser, *, runtime: bool = True,
             help="cpu, cuda, cuda:N, mps or auto (default: cuda, then mps, then cpu)")
         add(g, "--dtype", default=None,
             help="float32, float16 or bfloat16 (default: bf16/fp16 on a GPU, fp32 on CPU)")
+        add(g, "--decode", default="auto", choices=("auto", "eager", "native", "compiled"),
+            help="the decode-step implementation: eager (plain ops), native (CPU float32, small "
+                 "ops in C), compiled (torch.compile; a CUDA graph on CUDA) or auto (default: "
+                 "compiled on CUDA, native on CPU float32, else eager)")
         add(g, "--merge-lora", action="store_true", default=None,
             help="fold the LoRA into the weights (faster; no hot swap)")
         add(g, "--q-bits", type=int, default=None, metavar="BITS",
@@ -323,6 +327,8 @@ def load_engine(args: argparse.Namespace) -> Engine:
     extra.update(quantize_kwargs(args, backend, is_demo=is_demo))
     if getattr(args, "merge_lora", None):
         extra["merge_lora"] = True
+    if getattr(args, "decode", "auto") not in (None, "auto"):
+        extra["decode"] = args.decode
     return load(model, backend=backend, device=getattr(args, "device", None),
                 dtype=getattr(args, "dtype", None), tokenizer=tokenizer, lora=lora, **extra)
 

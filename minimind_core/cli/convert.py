@@ -23,6 +23,9 @@ def convert(to: str, src: str, dst: str, **options: Any) -> Any:
                        or options.get("lora_adapter_out")):
         raise ValueError("--q-bits/--q-group-size/--lora-adapter-out are for --to mlx; a "
                          "transformers folder is written unquantized, with any LoRA fused")
+    if to == "mlx" and options.get("layout"):
+        raise ValueError("--layout is for --to hf (which transformers class MiniMind2-MoE "
+                         "becomes); an MLX folder has one layout")
     try:
         module = importlib.import_module(TARGETS[to])
     except ModuleNotFoundError as e:
@@ -51,6 +54,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="an upstream LoRA file to fuse into the weights")
     parser.add_argument("--lora-adapter-out", default=None, metavar="DIR",
                         help="mlx: write --lora as an mlx_lm adapter folder instead of fusing it")
+    parser.add_argument("--layout", default=None, metavar="LAYOUT",
+                        help="hf: stock (default; MiniMind2-MoE as GraniteMoeShared, for "
+                             "transformers >= 4.49 and vLLM) or minimind (upstream's own layout)")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     common.add_arch_args(parser, upstream_paths=False)
 
@@ -58,10 +64,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     options = {"q_bits": args.q_bits, "q_group_size": args.q_group_size, "dtype": args.dtype,
                "tokenizer": args.tokenizer, "lora": args.lora,
-               "lora_adapter_out": args.lora_adapter_out,
+               "lora_adapter_out": args.lora_adapter_out, "layout": args.layout,
                "overrides": common.arch_overrides(args) or None}
     # Unset options are left out, so each converter's own defaults apply.
     options = {k: v for k, v in options.items() if v is not None}
-    out = convert(args.to, args.src, args.dst, force=args.force, **options)
-    print(f"wrote {out if out is not None else args.dst}")
-    return 0
+    from converters.common import display_path, exit_status
+
+    def run() -> None:
+        out = convert(args.to, args.src, args.dst, force=args.force, **options)
+        print(f"wrote {display_path(out if out is not None else args.dst)}", flush=True)
+
+    # The converters' exit codes: 2 refused input, 1 failed write, 130 Ctrl-C, 143 SIGTERM.
+    return exit_status(run, prog=common.PROG)

@@ -1,0 +1,241 @@
+"""Continuous batching: one thread runs the engine's token loop for every request at once.
+
+Requests wait in a bounded FIFO (QueueFull past ``max_queue``: a 503). Between two decode steps
+the scheduler admits waiting requests while fewer than ``max_num_seqs`` run and the cache has a
+slot (their prompts are prefilled in chunks of at most ``max_num_batched_tokens`` per step, so a
+long prompt never stalls the running streams), and removes finished or cancelled ones (a client
+disconnect frees its row at the next step). Finished rows leave their keys in the cache as
+reusable prefixes (``prefix_cache`` slots, LRU), so the next turn of a chat prefills only its new
+tokens. The engine is held one step at a time, so library calls on the same engine interleave.
+A request's tokens do not depend on the others (the token loop's guarantee): the same alone or
+among sixteen, with or without the prefix cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..engine import Row, TokenLoop
+from ..outputs import RequestOutput
+from ..params import SamplingParams
+from .worker import _END, Job, QueueFull, _Failure
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+
+__all__ = ["BatchJob", "Scheduler", "SchedulerStats"]
+
+
+class BatchJob(Job):
+    """A request for the scheduler: prompt ids, sampling, seed; chunks arrive as with ``Job``."""
+
+    def __init__(self, ids: list[int], params: SamplingParams, seed: int | None, budget: int,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(lambda: iter(()), loop)
+        self.ids, self.params, self.seed, self.budget = ids, params, seed, budget
+        self.row: Row | None = None
+        self.output: RequestOutput | None = None
+        self.queued = time.perf_counter()
+
+
+@dataclass
+class SchedulerStats:
+    """Counters for /metrics and /health (read from any thread)."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose keys came from the prefix cache
+    requests_finished: int = 0
+    ttft: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))  # seconds
+    itl: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))  # between tokens
+
+
+class Scheduler:
+    """Waiting and running requests over one ``TokenLoop`` (see the module docstring).
+
+    Args:
+        engine: the loaded model.
+        max_num_seqs: requests decoded together (the cache's slots).
+        max_queue: requests that may wait; more get QueueFull.
+        max_num_batched_tokens: prompt tokens prefilled per step (chunked prefill).
+        prefix_cache: finished rows kept as reusable prefixes (0 = off).
+        on_token: called with (job, token) for every token drawn (metrics).
+    """
+
+    def __init__(self, engine: Engine, *, max_num_seqs: int = 16, max_queue: int = 64,
+                 max_num_batched_tokens: int = 512, prefix_cache: int = 16,
+                 on_token: Callable[[BatchJob, int], None] | None = None) -> None:
+        for name, value, low in (("max_num_seqs", max_num_seqs, 1), ("max_queue", max_queue, 0),
+                                 ("max_num_batched_tokens", max_num_batched_tokens, 1),
+                                 ("prefix_cache", prefix_cache, 0)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        self.engine, self.max_num_seqs, self.max_queue = engine, max_num_seqs, max_queue
+        self.chunk, self.prefix_cache = max_num_batched_tokens, prefix_cache
+        self.on_token = on_token
+        self.stats = SchedulerStats()
+        self._waiting: deque[BatchJob] = deque()
+        self._running: list[BatchJob] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._loop: TokenLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="minimind-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- what the routes call -------------------------------------------------------------
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        with self._cond:
+            return len(self._running)
+
+    def submit(self, ids: list[int], params: SamplingParams, seed: int | None = None,
+               budget: int | None = None) -> BatchJob:
+        """Queue a request (call from the event loop); raises QueueFull when full. ``budget``:
+        tokens it may generate (default ``params.max_new_tokens``, clamped to the window)."""
+        window = self.engine.config.max_position_embeddings
+        budget = min(params.max_new_tokens if budget is None else budget, window - len(ids))
+        job = BatchJob(list(ids), params, params.seed if seed is None else seed, max(budget, 0),
+                       asyncio.get_running_loop())
+        with self._cond:
+            if self._closed:
+                raise QueueFull("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting "
+                                f"(the limit is {self.max_queue}); retry shortly")
+            self._waiting.append(job)
+            self._cond.notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Stop a request: dropped if waiting, its row freed at the next step if running."""
+        job.cancel()
+        with self._cond:
+            if job in self._waiting:
+                self._waiting.remove(job)
+                job.finished.set()
+                job._put(_END)
+            self._cond.notify()
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Cancel everything and stop the thread (waits up to ``timeout`` seconds)."""
+        with self._cond:
+            self._closed = True
+            jobs = [*self._waiting, *self._running]
+            self._cond.notify_all()
+        for job in jobs:
+            self.cancel(job)
+        self._thread.join(timeout)
+
+    # ---- the scheduling thread -------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._running and not self._closed:
+                    self._cond.wait()
+                if self._closed and not self._running and not self._waiting:
+                    return
+            try:
+                with self.engine.exclusive():  # one step at a time: library calls interleave
+                    self._step()
+            except Exception as e:  # reported to every running request; the thread goes on
+                self._fail_all(e)
+
+    def _token_loop(self) -> TokenLoop:
+        if self._loop is None or (not self._loop.rows and self._loop.cache is not self.engine._cache):
+            self._loop = TokenLoop(self.engine, self.max_num_seqs, 256,
+                                   prefix_cache=self.prefix_cache, chunk=self.chunk)
+        return self._loop
+
+    def _admit(self, loop: TokenLoop) -> None:
+        while True:
+            with self._cond:
+                if not self._waiting or len(self._running) >= self.max_num_seqs:
+                    return
+                if not loop.has_room():
+                    return
+                job = self._waiting.popleft()
+                self._running.append(job)
+            if job.cancelled.is_set():
+                self._finish(loop, job, final=False)
+                continue
+            job.output = RequestOutput(self.engine.tokenizer, job.params, len(job.ids),
+                                       job.budget, started=job.queued)
+            if job.budget <= 0:
+                self._finish(loop, job)
+                continue
+            try:
+                job.row = loop.add(job.ids, job.params, job.seed, reserve=job.budget)
+            except Exception as e:
+                job._put(_Failure(e))
+                self._finish(loop, job, final=False)
+                continue
+            self.stats.prompt_tokens += len(job.ids)
+            self.stats.cached_prompt_tokens += job.row.cached_tokens
+
+    def _step(self) -> None:
+        loop = self._token_loop()
+        for job in [j for j in self._running if j.cancelled.is_set()]:
+            self._finish(loop, job, final=False)
+        self._admit(loop)
+        if not loop.rows:
+            return
+        by_row = {id(j.row): j for j in self._running if j.row is not None}
+        for row, token in loop.step():
+            job = by_row[id(row)]
+            out = job.output
+            before = out.last
+            chunk = out.add(token)
+            self.stats.generation_tokens += 1
+            if before:
+                self.stats.itl.append(out.last - before)
+            else:
+                self.stats.ttft.append(out.first - out.started)
+            if self.on_token is not None:
+                self.on_token(job, token)
+            if chunk is not None:
+                job.chunks_made += 1
+                job._put(chunk)
+            if out.done or job.cancelled.is_set():
+                self._finish(loop, job)
+
+    def _finish(self, loop: TokenLoop, job: BatchJob, final: bool = True) -> None:
+        """Take a request out: its row leaves the loop, its last chunk (and the end) is sent."""
+        if job.row is not None and job.row in loop.rows:
+            loop.remove(job.row)
+        if final and job.output is not None and not job.cancelled.is_set():
+            job._put(job.output.final())
+            self.stats.requests_finished += 1
+        with self._cond:
+            if job in self._running:
+                self._running.remove(job)
+        job.finished.set()
+        job._put(_END)
+
+    def _fail_all(self, error: BaseException) -> None:
+        loop = self._loop
+        for job in list(self._running):
+            job._put(_Failure(error))
+            if loop is not None:
+                self._finish(loop, job, final=False)
+            else:
+                with self._cond:
+                    self._running.remove(job)
+                job.finished.set()
+                job._put(_END)
+
+    def describe(self) -> dict[str, Any]:
+        """Settings and counters (for /health and /metrics)."""
+        return {"max_num_seqs": self.max_num_seqs, "max_queue": self.max_queue,
+                "max_num_batched_tokens": self.chunk, "prefix_cache": self.prefix_cache,
+                "running": self.running, "waiting": self.waiting}
