@@ -4,7 +4,8 @@ SRC: a ``.pth`` / ``.safetensors`` file or a transformers / MLX folder. DST gets
 (model_type ``llama`` for dense MiniMind2, ``qwen3`` for dense MiniMind-3, ``qwen3_moe`` for
 MiniMind-3-MoE, so stock ``mlx_lm.load`` runs them; ``minimind`` for MiniMind2-MoE, which only
 minimind-core loads), ``model.safetensors`` (shards plus an index above 5 GiB), the tokenizer
-files with the chat template, and with ``--q-bits`` mlx_lm's quantization block.
+files with a chat template that renders the same ids in stock mlx_lm as in minimind-core
+(``mlx_chat_template``), and with ``--q-bits`` mlx_lm's quantization block.
 
 reader (``load_checkpoint``) → normalise (optional LoRA merge, dtype, quantize) → writer
 (atomic: a temporary sibling folder renamed into place).
@@ -18,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from minimind_core.chat import FALLBACK_TEMPLATE
 from minimind_core.checkpoint import load_checkpoint
 from minimind_core.config import ModelConfig, to_hf_config
 from minimind_core.dtypes import canonical_dtype
@@ -135,10 +137,52 @@ def write_folder(model: Any, dst: Path, *, dtype: str, quantization: Mapping[str
                                          encoding="utf-8")
         if tokenizer is not None:
             copy_tokenizer(tokenizer, tmp)
+            write_chat_template(tmp, mlx_chat_template(tokenizer.chat_template))
         if config["model_type"] == "minimind":
             (tmp / "README.md").write_text(MINIMIND2_MOE_NOTE.format(name=display_path(Path(dst).name)),
                                            encoding="utf-8")
     return dst
+
+
+# Stock mlx_lm passes ``enable_thinking=<vocabulary has <think>>`` to every chat template that is
+# not told otherwise: False for MiniMind2, whose template then appends an empty
+# "<think>\n\n</think>\n\n" that upstream's prompts (eval_llm.py passes no such switch) never
+# have. The folder's copy therefore pins the switch to "not given" for every reader.
+PIN_THINKING = ("{#- converters.to_mlx: mlx_lm sends enable_thinking on every prompt; pinned to "
+                "'not given', as upstream renders it -#}\n"
+                "{%- set enable_thinking = minimind_not_given -%}\n")
+
+
+def mlx_chat_template(template: str | None) -> str:
+    """The chat template an MLX folder gets: stock mlx_lm then renders the ids our formatter
+    renders. A tokenizer without one gets the formatter's plain fallback as a template; one that
+    reads ``enable_thinking`` gets it pinned (``PIN_THINKING``)."""
+    if template is None:
+        return FALLBACK_TEMPLATE
+    if "enable_thinking" in template and not template.startswith(PIN_THINKING):
+        return PIN_THINKING + template
+    return template
+
+
+def write_chat_template(folder: Path, template: str) -> None:
+    """Store ``template`` as the default chat template of the tokenizer copied into ``folder``
+    (``chat_template.jinja`` when the copy has one, else tokenizer_config.json's chat_template)."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        jinja.write_text(template, encoding="utf-8")
+        return
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    named = config.get("chat_template")
+    if isinstance(named, list):  # transformers' [{"name": ..., "template": ...}] form
+        config["chat_template"] = [{**t, "template": template} if t.get("name") == "default"
+                                   else t for t in named if isinstance(t, dict)]
+    elif isinstance(named, dict):
+        config["chat_template"] = {**named, "default": template}
+    else:
+        config["chat_template"] = template
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                           encoding="utf-8")
 
 
 def write_adapter(lora: str | Path | LoRA, config: ModelConfig, dst: str | Path,

@@ -20,9 +20,11 @@ from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .notes import note_once
 from .tokenizer import Tokenizer
 
-__all__ = ["ROLES", "ChatFormatter", "prompt_messages", "render_fallback", "render_template",
+__all__ = ["FALLBACK_TEMPLATE", "ROLES", "ChatFormatter", "prompt_messages", "render_fallback",
+           "render_template",
            "trim_history", "validate_messages"]
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -147,6 +149,18 @@ def render_fallback(messages: Sequence[Message], add_generation_prompt: bool = T
     if add_generation_prompt:
         blocks.append("Assistant: ")
     return "\n\n".join(blocks)
+
+
+# `render_fallback` as a Jinja chat template, for folders other tools read (converters.to_mlx
+# writes it where the tokenizer has none, so stock mlx_lm renders the same prompt).
+FALLBACK_TEMPLATE = (
+    "{%- if tools %}{{ raise_exception('the plain System:/User:/Assistant: prompt format "
+    "cannot describe tools') }}{% endif %}"
+    "{%- for message in messages %}{% if not loop.first %}{{ '\\n\\n' }}{% endif %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] or '' }}{% endfor %}"
+    "{%- if add_generation_prompt %}{% if messages %}{{ '\\n\\n' }}{% endif %}"
+    "{{ 'Assistant: ' }}{% endif %}"
+)
 
 
 class _GenerationTag(Extension):
@@ -316,6 +330,10 @@ class ChatFormatter:
             if tools:
                 raise ValueError(f"the tokenizer in {self.tokenizer.path} has no chat template, "
                                  "so it cannot describe tools to the model")
+            note_once(f"the tokenizer in {self.tokenizer.path} has no chat template: prompts use "
+                      "the plain 'System: ...\\n\\nUser: ...\\n\\nAssistant: ' format, which the "
+                      "model may not know (give a tokenizer with a chat template, or send raw "
+                      "prompts)", stacklevel=5)
             return render_fallback(msgs, add_generation_prompt)
         if not template.strip():
             raise ValueError(f"the chat template of {self.tokenizer.path} is empty; give a "

@@ -316,10 +316,20 @@ def _is_tensor_dict(d: Mapping) -> bool:
 
 # --- folders (transformers, MLX) ----------------------------------------------------------------
 
+def mlx_quantization(path: str | Path) -> dict[str, Any] | None:
+    """The quantization block (bits, group size) of a quantized MLX folder; None for anything
+    else. Packed weights hide their shapes, so only the MLX backend reads such a folder."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return None
+    block = _read_json(config_file).get("quantization")
+    return dict(block) if isinstance(block, Mapping) and "bits" in block else None
+
+
 def _read_folder(path: Path) -> tuple[dict[str, Any], list[Path], dict[str, Any] | None]:
     config_file = path / "config.json"
     source_config = _read_json(config_file) if config_file.is_file() else None
-    if source_config and source_config.get("quantization"):
+    if source_config and mlx_quantization(path):
         raise CheckpointError(f"{path}: a quantized MLX folder; load it with backend='mlx' "
                               f"(the torch backend needs a full-precision checkpoint)")
     index = path / "model.safetensors.index.json"

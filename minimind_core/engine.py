@@ -345,13 +345,17 @@ class Engine(ABC):
 
     def generate_batch(self, prompts: Sequence[Prompt], params: SamplingParams | None = None,
                        **sampling_kwargs: Any) -> list[GenerationResult]:
-        """Generate for several raw prompts at once (each row in its own cache slot). ``seed=s``
-        gives every row seed ``s`` (as vLLM's per-request seed); a list gives one seed per row.
-        A row's tokens are the same as when it runs alone with the same seed."""
+        """Generate for several prompts at once (each row in its own cache slot): raw prompts
+        (text or ids) and conversations (lists of message dicts, chat-formatted) may be mixed.
+        ``seed=s`` gives every row seed ``s`` (as vLLM's per-request seed); a list gives one seed
+        per row. A row's tokens are the same as when it runs alone with the same seed."""
         if not prompts:
             return []
         params, seeds = self._params(sampling_kwargs, params, len(prompts))
-        rows = [self.encode(p) for p in prompts]
+        # a row that is a list of message dicts is a conversation: the shared chat formatter
+        rows = [self.chat_ids(list(p), max_new_tokens=params.max_new_tokens)
+                if isinstance(p, (list, tuple)) and p and isinstance(p[0], dict)
+                else self.encode(p) for p in prompts]
         return self._collect(self._stream_rows(rows, params, seeds), len(rows))
 
     def chat_ids(self, messages: list[dict[str, Any]], *, max_history: int | None = None,

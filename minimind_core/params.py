@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
+from .notes import note_once
+
+# What transformers' generate(do_sample=True) samples with when not told otherwise.
+TRANSFORMERS_SAMPLING = {"temperature": 1.0, "top_k": 50}
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -59,9 +64,19 @@ class SamplingParams:
 
     @classmethod
     def from_kwargs(cls, base: SamplingParams | None = None, **kwargs) -> SamplingParams:
-        """Build from keyword arguments, ignoring None values; unknown names raise ValueError."""
+        """Build from keyword arguments, ignoring None values; unknown names raise ValueError.
+
+        transformers' ``generate`` switches are accepted as upstream's code passes them:
+        ``do_sample=False`` means greedy (temperature 0, as transformers ignores temperature
+        then); ``do_sample=True`` samples with transformers' defaults for what is not given
+        (temperature 1.0, top_k 50). ``use_cache`` changes nothing: the KV cache is always used.
+        """
         names = {f.name for f in fields(cls)}
         aliases = {"max_tokens": "max_new_tokens"}
+        do_sample = kwargs.pop("do_sample", None)
+        use_cache = kwargs.pop("use_cache", None)
+        if use_cache is not None and not use_cache:
+            note_once("use_cache=False changes nothing: generation always uses the KV cache")
         clean = {}
         for key, value in kwargs.items():
             key = aliases.get(key, key)
@@ -69,12 +84,21 @@ class SamplingParams:
                 raise ValueError(f"unknown sampling parameter {key!r}; choose from {sorted(names)}")
             if value is not None:
                 clean[key] = value
-        return replace(base or cls(), **clean)
+        params = replace(base or cls(), **clean)
+        if do_sample is not None and not do_sample:
+            return replace(params, temperature=0.0)
+        if do_sample:
+            if params.temperature == 0 and "temperature" not in clean:
+                params = replace(params, temperature=TRANSFORMERS_SAMPLING["temperature"])
+            if params.top_k == 0 and "top_k" not in clean:
+                params = replace(params, top_k=TRANSFORMERS_SAMPLING["top_k"])
+        return params
 
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
 
 
 @dataclass

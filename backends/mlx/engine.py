@@ -10,6 +10,8 @@ never changes MLX's global default device, and nothing draws from MLX's global r
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -216,7 +218,8 @@ class MlxEngine(Engine):
 # ---- sources ----------------------------------------------------------------------------------
 
 def load_source(path: Path, overrides: Mapping[str, Any]) -> tuple[Checkpoint, Path | None]:
-    """A full-precision checkpoint; ``.pth`` files go through the sha256-keyed cache.
+    """A full-precision checkpoint; ``.pth`` files go through the sha256-keyed cache (the hash
+    computed once per path, size and mtime).
 
     Returns the checkpoint and the cache folder used (None when the source was read directly).
     """
@@ -233,7 +236,7 @@ def _load_pth_cached(path: Path, overrides: Mapping[str, Any]) -> tuple[Checkpoi
     beside it, the caller's overrides), so overrides never stick to the cache.
     """
     try:
-        folder = cache_root() / paths.sha256_file(path)
+        folder = cache_root() / _content_hash(path)
     except RuntimeError:  # no MINIMIND_CACHE and no home directory: convert, keep nothing
         return load_checkpoint(path, **overrides), None
     if (folder / WEIGHTS_FILE).is_file():
@@ -250,6 +253,32 @@ def _load_pth_cached(path: Path, overrides: Mapping[str, Any]) -> tuple[Checkpoi
                       stacklevel=3)
         return ckpt, None
     return ckpt, folder
+
+
+def _content_hash(path: Path) -> str:
+    """The file's sha256, hashed once per (path, size, mtime): hashing a 757 MB file takes ~3 s,
+    so the result is kept in ``index/`` of the cache; a file rewritten in place gets a new mtime
+    and is hashed again."""
+    st = path.stat()
+    where = str(path.resolve())
+    stamp = {"path": where, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    entry = cache_root() / "index" / (hashlib.sha256(where.encode()).hexdigest()[:32] + ".json")
+    try:
+        known = json.loads(entry.read_text(encoding="utf-8"))
+        if {k: known.get(k) for k in stamp} == stamp and len(str(known.get("sha256"))) == 64:
+            return str(known["sha256"])
+    except (OSError, ValueError, AttributeError):
+        pass  # no entry yet, or a damaged one: hash below
+    sha = paths.sha256_file(path)
+    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({**stamp, "sha256": sha}) + "\n", encoding="utf-8")
+        os.replace(tmp, entry)  # atomic: a concurrent reader sees the old entry or the new one
+    except OSError:  # a read-only cache: hash again next time
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return sha
 
 
 def _write_cache(ckpt: Checkpoint, folder: Path) -> None:

@@ -1,6 +1,7 @@
 """``minimind chat``: a REPL with multi-turn history.
 
-``clear`` or ``/clear`` resets the history; ``quit``, ``exit``, ``q`` or Ctrl-D leaves; Ctrl-C
+``--auto`` asks upstream eval_llm.py's preset questions instead of reading input. ``clear`` or
+``/clear`` resets the history; ``quit``, ``exit``, ``q`` or Ctrl-D leaves; Ctrl-C
 during a reply stops that reply only (what was shown stays in the history). Replies stream by
 default; thinking (``<think>…</think>``) is shown dimmed on a terminal; after each reply one
 short line on stderr gives tokens and tok/s (``--quiet`` turns it off).
@@ -10,14 +11,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from ..demo import DEMO_HISTORY, is_demo
 from ..params import SamplingParams
 from . import common
 from .render import ReplyStats, ThinkStyler, ends_in_think, print_stats, print_stream, use_color
-from .upstream import historys_to_turns
+from .upstream import PRESET_QUESTIONS, historys_to_turns
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -143,8 +146,39 @@ def chat_loop(engine: Engine, session: ChatSession, read: Callable[[], str | Non
         replies += 1
 
 
+def preset_reader(questions: Sequence[str], out: TextIO) -> Callable[[], str | None]:
+    """A reader for ``--auto``: each preset question in turn, echoed as upstream's eval_llm.py
+    does (``💬: question``), then end of input."""
+    pending = iter(questions)
+
+    def read() -> str | None:
+        question = next(pending, None)
+        if question is not None:
+            out.write(f"💬: {question}\n")
+            out.flush()
+        return question
+
+    return read
+
+
+def banner(engine: Engine, session: ChatSession, *, demo: bool = False) -> str:
+    """The line shown on a terminal before the first prompt: model, backend, LoRA, history."""
+    desc = engine.describe()
+    parts = [str(desc["kind"]), str(desc["backend"])]
+    if desc.get("lora"):
+        parts.append(f"LoRA {Path(str(desc['lora'])).name}")
+    text = f"{desc['name']} ({', '.join(parts)})."
+    if demo and session.max_history == DEMO_HISTORY:
+        text += (" Demo model: each message is answered on its own (it learned single "
+                 "exchanges; --history N keeps turns).")
+    return f"{text} {BANNER}"
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("chat")
+    g.add_argument("--auto", action="store_true",
+                   help="ask upstream eval_llm.py's preset questions ('[0] 自动测试') in turn, "
+                        "each on its own unless --history is given, then leave")
     g.add_argument("--history", type=int, default=None, metavar="N",
                    help="earlier turns kept in the prompt (default: all that fit the context)")
     g.add_argument("--historys", type=int, default=None, metavar="N",
@@ -170,13 +204,21 @@ def main(args: argparse.Namespace) -> int:
     max_history = args.history if args.historys is None else historys_to_turns(args.historys)
     params = SamplingParams.from_kwargs(**common.sampling_kwargs(args))
     engine = common.load_engine(args)
+    demo = is_demo(engine.info.get("path"))
+    if max_history is None and (args.auto or demo):
+        # upstream's auto test asks each question on its own (--historys 0); the demo model
+        # learned single exchanges and loses the thread from the third turn
+        max_history = DEMO_HISTORY if demo else 0
     raw = args.raw if args.raw is not None else common.is_pretrain(args)
     prefix = (engine.tokenizer.bos_token or "") if raw and args.raw is None else ""
     session = ChatSession(params=params, system=args.system, max_history=max_history,
                           template_kwargs=common.template_kwargs(args), stream=args.stream,
                           quiet=args.quiet or args.show_speed == 0, raw=raw, prefix=prefix)
+    if args.auto:
+        chat_loop(engine, session, preset_reader(PRESET_QUESTIONS, sys.stdout), sys.stdout,
+                  sys.stderr)
+        return 0
     if sys.stdin.isatty():
-        desc = engine.describe()
-        sys.stderr.write(f"{desc['name']} ({desc['kind']}, {desc['backend']}). {BANNER}\n")
+        sys.stderr.write(banner(engine, session, demo=demo) + "\n")
     chat_loop(engine, session, read_line_from(sys.stdin, sys.stdout), sys.stdout, sys.stderr)
     return 0

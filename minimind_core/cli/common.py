@@ -7,8 +7,9 @@ upstream ``eval_llm.py``'s flag names, so ``--top_p`` and ``--top-p`` are the sa
 server uses it too.
 
 Defaults follow mlx-lm, not upstream's eval_llm.py: greedy decoding (temperature 0) and at most
-512 new tokens. Upstream's flags keep their meaning but not their defaults (0.85 / 0.85 / 8192):
-pass ``--temperature 0.85 --top_p 0.85`` to sample as eval_llm.py does.
+512 new tokens. Upstream's flags keep their meaning but not their defaults (0.85 / 0.95 / 8192):
+pass ``--temperature 0.85 --top_p 0.95 --top-k 50`` to sample as eval_llm.py does (top_k 50 is
+transformers' default there).
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..config import ModelConfig
-from .upstream import UpstreamPaths, resolve_upstream
+from .upstream import (
+    DEFAULT_HIDDEN,
+    DEFAULT_SAVE_DIR,
+    DEFAULT_WEIGHT,
+    UpstreamPaths,
+    resolve_upstream,
+)
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -62,7 +69,9 @@ _FIELD_HELP = {
     "rope_scaling": "RoPE scaling as JSON, e.g. '{\"type\": \"yarn\", \"factor\": 16}'",
 }
 # Where upstream's path flags exist, --hidden_size also names the file (out/{weight}_{hidden}.pth).
-_HIDDEN_PICKS_FILE = " (also picks upstream's out/{weight}_{hidden}.pth with --save_dir/--weight)"
+_HIDDEN_PICKS_FILE = (" (also picks upstream's file: out/{weight}_{hidden}.pth with "
+                      "--save_dir/--weight; without --model, out/full_sft_{hidden}.pth as in "
+                      "eval_llm.py)")
 
 
 def _bool(text: str) -> bool:
@@ -105,7 +114,9 @@ def add_arch_args(parser: argparse.ArgumentParser, *, upstream_paths: bool = Tru
     """
     group = parser.add_argument_group("architecture overrides (default: what the checkpoint says)")
     group.add_argument("--inference-rope-scaling", "--inference_rope_scaling", action="store_true",
-                       default=None, help="YaRN RoPE extrapolation (upstream's switch, factor 16)")
+                       default=None, help="YaRN RoPE extrapolation: upstream's switch, factor 16 "
+                       "over 2048 positions as its current model code has it (the inference "
+                       "guide's '4x' is an older revision; --rope-scaling JSON sets another)")
     for name, kind in override_fields():
         dashed = "--" + name.replace("_", "-")
         flags = [dashed] if dashed == "--" + name else [dashed, "--" + name]
@@ -184,7 +195,8 @@ def add_model_args(parser: argparse.ArgumentParser, *, runtime: bool = True,
         help="weight prefix: pretrain, full_sft, rlhf, reason, ... (default full_sft)")
     add(u, "--lora_weight", default=None, metavar="NAME",
         help="LoRA name: reads {save_dir}/lora/NAME_{hidden}.pth; None = no LoRA")
-    add(u, "--use_moe", type=int, choices=(0, 1), default=None, help="1 = the _moe weights")
+    add(u, "--use_moe", type=int, choices=(0, 1), default=None,
+        help="1 = the _moe weights (without --model: out/full_sft_{hidden}_moe.pth)")
     add_arch_args(parser)
 
 
@@ -202,8 +214,13 @@ def demo_weights() -> Path:
     return Path(demo_model_path())
 
 
+# eval_llm.py's architecture flags: given alone (no --model), they name its default file, as there.
+IMPLY_UPSTREAM = ("hidden_size", "num_hidden_layers", "use_moe")
+
+
 def upstream_paths(args: argparse.Namespace) -> UpstreamPaths | None:
-    """Resolve upstream flags (None when none was given); refuse a mix with --model / --lora."""
+    """Resolve upstream flags (None when none was given); refuse a mix with --model / --lora.
+    eval_llm.py's architecture flags alone resolve its default file (``_implied_upstream``)."""
     def get(name: str) -> Any:  # not every command defines every flag
         return getattr(args, name, None)
 
@@ -217,9 +234,33 @@ def upstream_paths(args: argparse.Namespace) -> UpstreamPaths | None:
                          "give the file: --lora PATH")
     up = resolve_upstream(get("load_from"), get("save_dir"), get("weight"), get("lora_weight"),
                           get("hidden_size"), get("use_moe"))
-    if up is None and get("use_moe") is not None:
-        raise ValueError("--use_moe only picks upstream's out/{weight}_{hidden}_moe.pth; give "
-                         "--save_dir/--weight with it, or pass --model PATH")
+    if up is None and get("model") is None and any(get(n) is not None for n in IMPLY_UPSTREAM):
+        up = _implied_upstream(get("hidden_size"), get("use_moe"), get("num_hidden_layers"))
+    return up
+
+
+def _implied_upstream(hidden: int | None, use_moe: int | None,
+                      layers: int | None) -> UpstreamPaths:
+    """eval_llm.py's defaults (--save_dir out --weight full_sft) for its architecture flags alone."""
+    flags = " ".join(f"--{name} {value}" for name, value in (
+        ("hidden_size", hidden), ("num_hidden_layers", layers), ("use_moe", use_moe))
+        if value is not None)
+    defaults = f"upstream eval_llm.py's defaults --save_dir {DEFAULT_SAVE_DIR} --weight " \
+               f"{DEFAULT_WEIGHT}"
+    try:
+        up = resolve_upstream(save_dir=DEFAULT_SAVE_DIR, weight=DEFAULT_WEIGHT,
+                              hidden_size=hidden, use_moe=use_moe)
+    except FileNotFoundError:
+        hiddens = (hidden,) if hidden is not None else DEFAULT_HIDDEN
+        names = " or ".join(f"{DEFAULT_SAVE_DIR}/{DEFAULT_WEIGHT}_{h}{'_moe' if use_moe else ''}.pth"
+                            for h in hiddens)
+        raise FileNotFoundError(
+            f"{flags} without --model reads {names} ({defaults}), which is not here; run from "
+            f"the folder holding out/ and model/, give --save_dir/--weight, or pass --model "
+            f"PATH") from None
+    assert up is not None
+    print(f"{PROG}: {flags} reads {up.model} ({defaults}; --model PATH for another file)",
+          file=sys.stderr)
     return up
 
 
@@ -325,7 +366,8 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def add_template_args(parser: argparse.ArgumentParser) -> None:
     """--system, --chat-template-args and upstream's --open_thinking."""
     g = parser.add_argument_group("chat template")
-    g.add_argument("--system", default=None, help="system prompt")
+    g.add_argument("--system", "--system-prompt", dest="system", default=None,
+                   help="system prompt (--system-prompt as mlx_lm and the MLX script name it)")
     g.add_argument("--chat-template-args", type=_json_object, default=None, metavar="JSON",
                    help="options for the chat template, e.g. '{\"enable_thinking\": false}'")
     g.add_argument("--open-thinking", "--open_thinking", dest="open_thinking", type=int,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from ..version import __version__
@@ -54,6 +55,12 @@ def build_parser(argv: Sequence[str] = ()) -> common.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 error, 2 bad flags, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    with warnings.catch_warnings():  # restores the caller's warning settings afterwards
+        warnings.showwarning = _show_warning
+        return _run(argv)
+
+
+def _run(argv: list[str]) -> int:
     debug = bool(os.environ.get("MINIMIND_DEBUG"))
     try:
         try:
@@ -86,6 +93,11 @@ def _message(e: BaseException) -> str:
     if isinstance(e, (ValueError, OSError, ImportError)):
         return text
     return f"{type(e).__name__}: {text} (set MINIMIND_DEBUG=1 to see the traceback)"
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library warning (e.g. a one-time note) as one line, without the source location."""
+    print(f"{common.PROG}: warning: {message}", file=sys.stderr)
 
 
 def _silence_stdout() -> None:

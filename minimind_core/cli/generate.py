@@ -2,7 +2,9 @@
 
 The chat template is applied by default, as mlx_lm's CLI does; ``--raw`` sends the prompt as
 is. Streams to a terminal, prints the whole text otherwise; ``--json`` prints the
-GenerationResult as a JSON object.
+GenerationResult as a JSON object. ``-p/--prompt TEXT`` is the MLX script's spelling of the
+prompt argument; ``--batch-file FILE`` generates for one prompt (or JSON conversation) a line,
+a batch at a time, and prints one result a line.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from ..chat import prompt_messages
 from ..params import GenerationResult, SamplingParams
-from . import common
+from . import batch, common
 from .render import ReplyStats, ThinkStyler, ends_in_think, print_stats, print_stream, use_color
 
 if TYPE_CHECKING:
@@ -56,6 +59,16 @@ def generate(engine: Engine, prompt: str, *, raw: bool = False, system: str | No
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", default=None,
                         help="the prompt; '-' or nothing reads it from stdin")
+    parser.add_argument("-p", "--prompt", dest="prompt_flag", default=None, metavar="TEXT",
+                        help="the prompt as a flag, as the MLX script and mlx_lm.generate take "
+                             "it ('-' reads stdin)")
+    b = parser.add_argument_group("batch")
+    b.add_argument("--batch-file", default=None, metavar="FILE",
+                   help="one prompt a line (text, or a JSON conversation: a list of messages); "
+                        "'-' reads stdin; prints one result a line, in order (line breaks as "
+                        "\\n; --json: one JSON object a line)")
+    b.add_argument("--batch-size", type=int, default=16, metavar="N",
+                   help="rows generated together with --batch-file (default 16)")
     out = parser.add_argument_group("output")
     out.add_argument("--raw", action="store_true", default=None,
                      help="send the prompt as is, without the chat template")
@@ -72,7 +85,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def read_prompt(prompt: str | None, stdin=None) -> str:
-    """The prompt argument, or stdin when it is '-' or missing (never wait on a terminal)."""
+    """The prompt argument, or stdin when it is '-' or missing (never wait on a terminal).
+
+    From stdin, the one line break that ``echo`` adds is dropped, no more: a raw prompt may end
+    in a newline that matters (``<|im_start|>assistant\\n``)."""
     stdin = stdin or sys.stdin
     if prompt is not None and prompt != "-":
         return prompt
@@ -82,11 +98,23 @@ def read_prompt(prompt: str | None, stdin=None) -> str:
     text = stdin.read()
     if not text.strip():
         raise ValueError("the prompt read from stdin is empty")
-    return text.rstrip("\n")
+    for end in ("\r\n", "\n"):
+        if text.endswith(end):
+            return text[:-len(end)]
+    return text
+
+
+def given_prompt(args: argparse.Namespace) -> str | None:
+    """The prompt from the positional argument or -p/--prompt (not both)."""
+    if args.prompt is not None and args.prompt_flag is not None:
+        raise ValueError("give the prompt once: as an argument or with -p/--prompt, not both")
+    return args.prompt_flag if args.prompt_flag is not None else args.prompt
 
 
 def main(args: argparse.Namespace) -> int:
-    prompt = read_prompt(args.prompt)
+    if args.batch_file is not None:
+        return main_batch(args)
+    prompt = read_prompt(given_prompt(args))
     SamplingParams.from_kwargs(**common.sampling_kwargs(args))  # bad values fail before loading
     engine = common.load_engine(args)
     raw = args.raw if args.raw is not None else common.is_pretrain(args)
@@ -108,3 +136,39 @@ def main(args: argparse.Namespace) -> int:
                                result.tokens_per_second, result.time_to_first_token,
                                result.finish_reason, result.finish_reason == "interrupted"))
     return 130 if result.finish_reason == "interrupted" else 0
+
+
+def main_batch(args: argparse.Namespace) -> int:
+    """``--batch-file FILE``: every line's result, one a line on stdout."""
+    if given_prompt(args) is not None:
+        raise ValueError("--batch-file reads the prompts from FILE; drop the prompt argument")
+    if args.stream:
+        raise ValueError("--stream is for one prompt; --batch-file prints each result when its "
+                         "batch is done")
+    if args.raw and args.system is not None:
+        raise ValueError("--system needs the chat template; drop --raw or --system")
+    if args.batch_file == "-":
+        items = batch.read_batch(sys.stdin)
+    else:
+        try:
+            with open(args.batch_file, encoding="utf-8") as f:
+                items = batch.read_batch(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--batch-file {args.batch_file}: no such file") from None
+    if not items:
+        raise ValueError(f"--batch-file {args.batch_file} holds no prompts (blank lines are "
+                         "skipped)")
+    params = SamplingParams.from_kwargs(**common.sampling_kwargs(args))
+    engine = common.load_engine(args)
+    raw = args.raw if args.raw is not None else common.is_pretrain(args)
+    prefix = (engine.tokenizer.bos_token or "") if raw and args.raw is None else ""
+    t0 = time.perf_counter()
+    results = batch.run_batch(engine, items, params, raw=raw, prefix=prefix, system=args.system,
+                              template_kwargs=common.template_kwargs(args),
+                              batch_size=args.batch_size, as_json=args.json)
+    if not (args.quiet or args.show_speed == 0):
+        tokens = sum(r.completion_tokens for r in results)
+        seconds = time.perf_counter() - t0
+        print(f"[{len(results)} prompts, {tokens} tokens in {seconds:.1f} s, "
+              f"{tokens / seconds if seconds else 0:.1f} tok/s]", file=sys.stderr)
+    return 0

@@ -10,6 +10,8 @@ MiniMind users type ``python eval_llm.py --save_dir out --weight full_sft --hidd
   ``--lora_weight None`` (upstream's default) means no LoRA.
 - ``--hidden_size`` defaults to 512 (MiniMind2) and then 768 (MiniMind-3): the first file that
   exists wins, so both generations work without the flag.
+- eval_llm.py's architecture flags alone (``--hidden_size 512``, ``--use_moe 1``, no --model)
+  name its default file ``out/full_sft_512[_moe].pth``, as they do there (``cli/common.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,17 @@ NATIVE = "model"  # upstream's --load_from default: native weights, tokenizer in
 DEFAULT_SAVE_DIR = "out"
 DEFAULT_WEIGHT = "full_sft"
 DEFAULT_HIDDEN = (512, 768)  # MiniMind2's default, then MiniMind-3's
+# eval_llm.py's "[0] 自动测试" (auto test) mode asks these, in this order (`minimind chat --auto`).
+PRESET_QUESTIONS = (
+    "你有什么特长？",
+    "为什么天空是蓝色的",
+    "请用Python写一个计算斐波那契数列的函数",
+    '解释一下"光合作用"的基本过程',
+    "如果明天下雨，我应该如何出门",
+    "比较一下猫和狗作为宠物的优缺点",
+    "解释什么是机器学习",
+    "推荐一些中国的美食",
+)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..demo import DEMO_TEMPERATURE, is_demo
 from ..params import SamplingParams
 from .app import DEFAULT_SAMPLING, create_app
 
@@ -50,8 +53,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     server.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     server.add_argument("--max-tokens", type=int, default=None,
                         help="the most tokens one request may generate; also the default")
-    server.add_argument("--temperature", type=float, default=DEFAULT_SAMPLING.temperature,
-                        help="temperature when a request gives none (default: %(default)s)")
+    server.add_argument("--temperature", type=float, default=None,
+                        help=f"temperature when a request gives none (default: "
+                             f"{DEFAULT_SAMPLING.temperature}; {DEMO_TEMPERATURE:g} = greedy for the "
+                             f"demo model, which learned one right answer per question)")
     server.add_argument("--top-p", type=float, default=DEFAULT_SAMPLING.top_p,
                         help="top_p when a request gives none (default: %(default)s)")
     server.add_argument("--api-key", default=None,
@@ -122,14 +127,18 @@ def run(args: argparse.Namespace, load_engine: Callable[[argparse.Namespace], En
     """Load the model the flags name with ``load_engine`` (the CLI's, so every model flag works;
     with no model, the embedded demo) and serve it until SIGINT/SIGTERM. Raises ValueError/OSError/ImportError when the
     model cannot be loaded."""
+    temperature = DEFAULT_SAMPLING.temperature if args.temperature is None else args.temperature
     defaults = SamplingParams(max_new_tokens=DEFAULT_SAMPLING.max_new_tokens,
-                              temperature=args.temperature, top_p=args.top_p)
+                              temperature=temperature, top_p=args.top_p)  # checked before loading
     engine = load_engine(args)
+    if args.temperature is None and is_demo(engine.info.get("path")):
+        defaults = replace(defaults, temperature=DEMO_TEMPERATURE)
     app = create_app(engine, model_name=args.served_model_name, api_key=args.api_key,
                      cors=_origins(args.cors), max_tokens_cap=args.max_tokens,
                      max_queue=args.max_queue, defaults=defaults)
     name = args.served_model_name or engine.name
-    print(f"Serving {name} ({engine.backend}) on http://{args.host}:{args.port} "
+    lora = f", LoRA {Path(engine.lora_path).name}" if engine.lora_path else ""
+    print(f"Serving {name} ({engine.backend}{lora}) on http://{args.host}:{args.port} "
           f"— chat page at /, OpenAI API at /v1", file=sys.stderr, flush=True)
     serve(app, args.host, args.port, log_level=args.log_level,
           shutdown_timeout=args.shutdown_timeout)
