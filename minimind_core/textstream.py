@@ -5,10 +5,10 @@ U+FFFD. Text is only released once it decodes cleanly, and any tail that could s
 stop string is held back until it cannot.
 
 Stop strings are matched incrementally: each new character advances one small Knuth–Morris–
-Pratt automaton per stop string that has started to match (an index by first character finds
-the ones that start), so a token costs work in proportion to its own characters and the
-matches in progress, never a rescan of every stop string — 2,000 stop strings of 1 KB cost
-about as much as one.
+Pratt automaton per stop string that has started to match (an index by the first two
+characters finds the ones that start), so a token costs work in proportion to its own
+characters and the matches in progress, never a rescan of every stop string: 2,000 stop
+strings of 1 KB cost about as much as a few.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class Decoder(Protocol):
 class _StopMatcher:
     """KMP state for one stop string: ``state`` is the length of the longest prefix of the
     string that the text read so far ends with. The failure table is built lazily, only as far
-    as the state has reached, so a long stop string that never starts to match costs nothing."""
+    as the state has reached, so a long stop string that never gets far costs nothing."""
 
     __slots__ = ("fail", "state", "text")
 
@@ -44,6 +44,12 @@ class _StopMatcher:
                 k += 1
             fail.append(k)
 
+    def begin(self) -> None:
+        """The text now ends with the string's first two characters."""
+        if len(self.fail) < 2:
+            self._extend_fail(1)
+        self.state = 2
+
     def step(self, c: str) -> bool:
         """Read one character; True when the whole stop string has just been read."""
         s, k = self.text, self.state
@@ -61,48 +67,66 @@ class _StopMatcher:
 
 
 class _StopScanner:
-    """Every stop string's matcher, fed the text one character at a time. Matchers are made
-    the first time their string starts to match, so thousands of stop strings that never
-    start cost one dict entry each."""
+    """Every stop string's matcher, fed the text one character at a time.
+
+    A matcher runs only while its state is 2 or more; it is started (made, the first time)
+    when the text ends with its string's first two characters. Below that its state is implied
+    by the last character read, which is all ``partial`` needs. One-character stop strings are
+    a set lookup.
+    """
 
     def __init__(self, stops: tuple[str, ...]) -> None:
-        self.by_first: dict[str, list[str]] = {}
-        for s in dict.fromkeys(stops):  # duplicates would only repeat the work
-            self.by_first.setdefault(s[0], []).append(s)
+        unique = dict.fromkeys(stops)  # duplicates would only repeat the work
+        self.singles = {s for s in unique if len(s) == 1}
+        self.starts = {s[0] for s in unique if len(s) > 1}
+        self.by_pair: dict[str, list[str]] = {}
+        for s in unique:
+            if len(s) > 1:
+                self.by_pair.setdefault(s[:2], []).append(s)
         self.matchers: dict[str, _StopMatcher] = {}
-        self.active: list[_StopMatcher] = []  # matchers with state > 0
+        self.active: list[_StopMatcher] = []  # matchers with state >= 2
+        self.last = ""  # the last character read
 
     def feed(self, text: str, offset: int) -> int | None:
         """Read ``text`` (which starts at position ``offset`` of the whole text); return where
         the earliest-starting stop string completed in it begins, or None."""
         hit: int | None = None
         done: set[str] = set()  # stop strings that completed: the text is cut there anyway
+        prev = self.last
         for pos, c in enumerate(text, offset):
+            if c in self.singles:
+                hit = _earlier(hit, pos)
             still = []
             for m in self.active:
                 if m.step(c):
                     hit = _earlier(hit, pos + 1 - len(m.text))
                     done.add(m.text)
-                elif m.state:
+                elif m.state >= 2:
                     still.append(m)
-            for s in self.by_first.get(c, ()):
+                else:
+                    m.state = 0  # 1 or 0: implied by the last character from now on
+            for s in self.by_pair.get(prev + c, ()):
                 m = self.matchers.get(s)
                 if m is None:
                     m = self.matchers[s] = _StopMatcher(s)
-                elif m.state or s in done:  # already stepped above, or finished
+                elif m.state or s in done:  # running (stepped above), or finished
                     continue
-                if m.step(c):
-                    hit = _earlier(hit, pos + 1 - len(s))
+                if len(s) == 2:
+                    hit = _earlier(hit, pos - 1)
                     done.add(s)
                 else:
+                    m.begin()
                     still.append(m)
             self.active = still
+            prev = c
+        self.last = prev
         return hit
 
     @property
     def partial(self) -> int:
         """Length of the longest tail of the text read that is a proper prefix of a stop."""
-        return max((m.state for m in self.active), default=0)
+        best = max((m.state for m in self.active), default=0)
+        return best or int(self.last in self.starts)
 
 
 def _earlier(a: int | None, b: int) -> int:

@@ -62,7 +62,7 @@ def test_hand_example_overlapping_stops():
     assert oracle(["ab", "ab", "abc", "x"], ("ababc",)) == (["", "", "ab", "", ""], "ab")
 
 
-@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.settings(max_examples=300, deadline=None)
 @hypothesis.given(
     tokens=st.lists(st.text(alphabet="abc", min_size=1, max_size=3), max_size=12),
     stops=st.lists(st.text(alphabet="abc", min_size=1, max_size=5), min_size=1, max_size=4))
