@@ -582,6 +582,33 @@ def test_serve_bad_port_is_one_line_before_serving(capsys, port):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--allowed-hosts", "x:80"], "'x:80' is not a host name"),
+    (["--allowed-hosts", "ok.box,http://x"], "'http://x' is not a host name"),
+    (["--allowed-origins", "example.com"], "'example.com' is not an origin"),
+    (["--cors", "http://a.example/path"], "is not an origin"),
+    (["--max-body-mb", "0"], "positive"), (["--shutdown-timeout", "-1"], ">= 0")])
+def test_serve_bad_safety_flags_are_one_line(capsys, flags, words):
+    from minimind_core.cli.entry import main
+
+    assert main(["serve", *flags]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Serving" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_create_app_checks_hosts_and_origins_at_once(engine):
+    with pytest.raises(ValueError, match="not a host name"):
+        create_app(engine, allowed_hosts=["a*b"])
+    with pytest.raises(ValueError, match="not an origin"):
+        create_app(engine, allowed_origins=["app.example"])
+    # written loosely, an origin is normalised to what browsers send
+    app = create_app(engine, model_name=MODEL, allowed_origins=["HTTP://App.Example:8080/"])
+    with ServerThread(app) as s:
+        r = httpx.get(s.url + "/health", headers={"Origin": "http://app.example:8080"})
+        assert r.status_code == 200
+        assert r.headers["access-control-allow-origin"] == "http://app.example:8080"
+
+
 @pytest.mark.torch
 def test_serve_on_a_taken_port_says_so_before_serving(capsys):
     from minimind_core.cli.entry import main

@@ -16,6 +16,7 @@ from .guard import (
     BodyGuard,
     HostGuard,
     OriginGuard,
+    check_origins,
     default_hosts,
 )
 from .routes import ServerState, chat_completions, compat_chat, completions, list_models
@@ -193,7 +194,8 @@ def create_app(engine_or_factory: "Engine | Callable[[], Engine]", *, model_name
 
     # Starlette runs the last added middleware first: Host, then Origin, then CORS (so that
     # allowed pages can read the body guard's errors), then the body guard.
-    origins = [*_as_list(cors), *_as_list(allowed_origins)]
+    origins = check_origins([*_as_list(cors), *_as_list(allowed_origins)])
+    hosts = default_hosts(host, _as_list(allowed_hosts))  # both raise ValueError now, not later
     app.add_middleware(BodyGuard, max_bytes=int(max_body_mb * 1024 * 1024))
     if origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -201,8 +203,7 @@ def create_app(engine_or_factory: "Engine | Callable[[], Engine]", *, model_name
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"],
                            allow_headers=["*"])
     app.add_middleware(OriginGuard, allowed_origins=origins)
-    app.add_middleware(HostGuard, allowed_hosts=default_hosts(host, _as_list(allowed_hosts)),
-                       any_ip=host in WILDCARD_BINDS)
+    app.add_middleware(HostGuard, allowed_hosts=hosts, any_ip=host in WILDCARD_BINDS)
     return app
 
 

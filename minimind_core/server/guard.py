@@ -29,7 +29,8 @@ from urllib.parse import urlsplit
 
 from .schema import error_body
 
-__all__ = ["DEFAULT_MAX_BODY_MB", "BodyGuard", "HostGuard", "OriginGuard", "default_hosts"]
+__all__ = ["DEFAULT_MAX_BODY_MB", "BodyGuard", "HostGuard", "OriginGuard", "check_hosts",
+           "check_origins", "default_hosts"]
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -67,14 +68,34 @@ def _bracketed(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
+def _host_entry(entry: str) -> str:
+    """One --allowed-hosts entry as TrustedHostMiddleware matches it (IPv6 in brackets)."""
+    entry = entry.strip()
+    if _is_ip_literal(entry):
+        return _bracketed(entry.strip("[]"))
+    bad_star = "*" in entry[1:] or (entry.startswith("*") and entry != "*"
+                                    and not entry.startswith("*."))
+    if bad_star or any(c in entry for c in "/:[]@ "):
+        raise ValueError(f"--allowed-hosts {entry!r} is not a host name, an IP address or a "
+                         "'*.example.com' pattern (no scheme, port or path)")
+    return entry
+
+
+def check_hosts(entries: Sequence[str]) -> list[str]:
+    """``--allowed-hosts`` entries as they are matched; ValueError for one that is neither a
+    name, an IP address nor a ``*.example.com`` pattern."""
+    return [_host_entry(h) for h in entries if h.strip()]
+
+
 def default_hosts(bind: str, extra: Sequence[str] = ()) -> list[str]:
     """The Host names a server bound to ``bind`` answers: the address itself, localhost,
-    127.0.0.1 and [::1]; on 0.0.0.0/:: also this machine's host name; then ``extra``."""
+    127.0.0.1 and [::1]; on 0.0.0.0/:: also this machine's host name; then ``extra``.
+    Raises ValueError for an entry of ``extra`` that is not a name or pattern."""
     hosts = [_bracketed(bind)] if bind not in WILDCARD_BINDS else []
     hosts += LOCAL_NAMES
     if bind in WILDCARD_BINDS:
         hosts += {socket.gethostname(), socket.getfqdn()}
-    hosts += [_bracketed(h.strip()) for h in extra if h.strip()]
+    hosts += check_hosts(extra)
     return list(dict.fromkeys(h.lower() for h in hosts if h))
 
 
@@ -160,6 +181,28 @@ def _origin_key(url: str) -> tuple[str, str, int | None] | None:
     if not parts.scheme or not parts.hostname:
         return None
     return parts.scheme, parts.hostname.lower(), port
+
+
+def check_origins(origins: Sequence[str]) -> list[str]:
+    """Origins as browsers send them (``scheme://host[:port]``, lower case, no path), so that
+    both this guard and CORSMiddleware match them; ValueError for one that is not an origin."""
+    out = []
+    for origin in origins:
+        if origin == "*":
+            out.append(origin)
+            continue
+        parts = urlsplit(origin.strip().rstrip("/"))
+        try:
+            parts.port  # noqa: B018 - parsing it validates it
+        except ValueError:
+            parts = parts._replace(netloc="")
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path \
+                or parts.query or parts.fragment or parts.username:
+            raise ValueError(f"--allowed-origins {origin!r} is not an origin; write it as a "
+                             "browser sends it: http(s)://host[:port], e.g. "
+                             "https://app.example.com")
+        out.append(f"{parts.scheme}://{parts.netloc.lower()}")
+    return out
 
 
 class OriginGuard:

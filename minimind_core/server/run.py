@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..params import SamplingParams
 from .app import DEFAULT_SAMPLING, create_app
-from .guard import DEFAULT_MAX_BODY_MB
+from .guard import DEFAULT_MAX_BODY_MB, check_hosts, check_origins
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -34,6 +34,18 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 def _split(values: list[str] | None) -> list[str]:
     """Repeated and comma-separated flag values as one list."""
     return [o.strip() for v in values or () for o in v.split(",") if o.strip()]
+
+
+def _checked(check: Callable[[list[str]], list[str]]) -> Callable[[str], str]:
+    """An argparse type that checks each comma-separated part of a flag's value."""
+    def parse(text: str) -> str:
+        try:
+            check(_split([text]))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).split(" ", 1)[1]) from None  # no flag name
+        return text
+
+    return parse
 
 
 def _port(text: str) -> int:
@@ -95,11 +107,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     server.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer <key>' on /v1 routes and /chat")
     server.add_argument("--allowed-origins", "--cors", dest="allowed_origins", action="append",
-                        default=None, metavar="ORIGINS",
+                        type=_checked(check_origins), default=None, metavar="ORIGINS",
                         help="browser origins besides the server's own page that may use it, "
                              "comma-separated or repeated ('*' = any); they get CORS headers, "
                              "other origins 403 (default: none)")
-    server.add_argument("--allowed-hosts", action="append", default=None, metavar="HOSTS",
+    server.add_argument("--allowed-hosts", action="append", type=_checked(check_hosts),
+                        default=None, metavar="HOSTS",
                         help="Host names to answer besides the bound address, localhost, "
                              "127.0.0.1 and [::1] ('*.example.com' patterns, '*' = any); "
                              "others get 400 (default: none)")
