@@ -496,6 +496,7 @@ def _sse_lines(r) -> list[str]:
     return [line for line in r.iter_lines() if line.startswith("data: ")]
 
 
+@pytest.mark.slow  # a real process: ~5 s
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM")
 def test_sigterm_ends_the_running_stream_and_503s_the_queue():
     proc, url = _start(shutdown_timeout=3.0)
@@ -539,6 +540,7 @@ def test_sigterm_ends_the_running_stream_and_503s_the_queue():
             proc.communicate()
 
 
+@pytest.mark.slow  # a real process: ~4 s
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM")
 def test_sigterm_lets_a_short_stream_finish():
     """A reply that ends before the deadline is sent whole (finish_reason, usage, [DONE])."""
