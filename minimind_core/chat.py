@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -292,6 +292,41 @@ def render_template(template: str, messages: Sequence[Message], *,
                                      add_generation_prompt=add_generation_prompt, **context)
 
 
+def _fit_turns(keeping: Callable[[int], list[int]], n: int, limit: int, why: str) -> list[int]:
+    """The prompt with the most of the newest earlier turns that fits in ``limit`` tokens,
+    knowing that all ``n`` do not fit.
+
+    Dropping a turn never lengthens the prompt, so "k newest turns fit" flips once as k grows:
+    gallop up from k = 0 (1, 2, 4, ...), then bisect. Each try renders only the turns it keeps,
+    so a 4,000-message history costs a few renders of the part that fits, not 4,000 renders of
+    everything (which was quadratic).
+    """
+    best = keeping(0)
+    if len(best) > limit:
+        raise ValueError(
+            f"prompt is {len(best)} tokens, longer than the context window of {limit} "
+            f"tokens ({why}), even with all earlier turns dropped; shorten the input "
+            "(or the system prompt), keep fewer history turns, or reserve fewer tokens "
+            "for the reply")
+    good, bad = 0, n  # keeping `good` turns fits, keeping `bad` does not
+    step = 1
+    while good + step < bad:
+        ids = keeping(good + step)
+        if len(ids) > limit:
+            bad = good + step
+            break
+        good, best = good + step, ids
+        step *= 2
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        ids = keeping(mid)
+        if len(ids) <= limit:
+            good, best = mid, ids
+        else:
+            bad = mid
+    return best
+
+
 def _check_dict_list(value: Any, name: str) -> None:
     if value is not None and (not isinstance(value, (list, tuple))
                               or not all(isinstance(v, Mapping) for v in value)):
@@ -381,19 +416,18 @@ class ChatFormatter:
             limit, why = None, ""
         if limit is not None and limit <= 0:
             raise ValueError(f"no room for a prompt: the limit is {limit} tokens ({why})")
-        while True:
-            text = self._render(_join(head, turns, current), add_generation_prompt, tools,
-                                dict(template_kwargs))
-            ids = self.tokenizer.encode(text)
+
+        def keeping(k: int) -> list[int]:  # the prompt with the newest k earlier turns
+            kept = turns[len(turns) - k:] if k else []
+            ids = self.tokenizer.encode(self._render(_join(head, kept, current),
+                                                     add_generation_prompt, tools,
+                                                     dict(template_kwargs)))
             if not ids:  # nothing to prefill: the model could not start
                 raise ValueError(f"the chat template of {self.tokenizer.path} renders these "
                                  "messages as an empty prompt; check the template")
-            if limit is None or len(ids) <= limit:
-                return ids
-            if not turns:
-                raise ValueError(
-                    f"prompt is {len(ids)} tokens, longer than the context window of {limit} "
-                    f"tokens ({why}), even with all earlier turns dropped; shorten the input "
-                    "(or the system prompt), keep fewer history turns, or reserve fewer tokens "
-                    "for the reply")
-            turns = turns[1:]
+            return ids
+
+        ids = keeping(len(turns))
+        if limit is None or len(ids) <= limit:
+            return ids
+        return _fit_turns(keeping, len(turns), limit, why)

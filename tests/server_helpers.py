@@ -132,3 +132,54 @@ def ServerThread(app, shutdown_timeout: float = 2.0):  # noqa: N802 (kept: reads
     from minimind_core.server import BackgroundServer
 
     return BackgroundServer(app, shutdown_timeout=shutdown_timeout)
+
+
+def raw_http(url: str, request: bytes, timeout: float = 10.0) -> tuple[int, dict, bytes]:
+    """Send ``request`` (bytes, as written) to the server at ``url`` and read the whole answer
+    until the server closes or the body ends: (status, lower-cased headers, body). For what
+    HTTP clients will not send: lying lengths, unfinished chunked bodies, odd Host headers."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            more = sock.recv(65536)
+            if not more:
+                break
+            data += more
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = dict((k.strip().lower(), v.strip()) for k, _, v in
+                       (line.partition(":") for line in lines[1:]))
+        length = int(headers.get("content-length", -1))
+        while length < 0 or len(body) < length:
+            more = sock.recv(65536)
+            if not more:
+                break
+            body += more
+    return status, headers, body
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python tests/server_helpers.py PORT SHUTDOWN_TIMEOUT``: serve a ScriptedEngine (10 ms a
+    token; "endless" never ends, "slow" is 40 words) with the library's own ``serve``, so a
+    test can send it real signals."""
+    import sys
+    import tempfile
+
+    from minimind_core.server import create_app, serve
+
+    port, shutdown_timeout = int((argv or sys.argv)[1]), float((argv or sys.argv)[2])
+    with tempfile.TemporaryDirectory() as folder:
+        engine = ScriptedEngine(make_tokenizer(Path(folder) / "model"), delay=0.01)
+        engine.replies.update({"endless": ENDLESS, "slow": "word " * 40})
+        serve(create_app(engine, model_name=MODEL), port=port, log_level="warning",
+              shutdown_timeout=shutdown_timeout)
+
+
+if __name__ == "__main__":
+    main()

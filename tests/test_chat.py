@@ -298,6 +298,35 @@ def test_prompt_too_long(formatter):
     assert len(fmt.encode(HISTORY, reserve_tokens=5)) == n  # fits once history is dropped
 
 
+def test_long_history_fits_like_dropping_one_turn_at_a_time(real_tokenizer, formatter):
+    """The fitted prompt equals the plain rule (drop the oldest turn until it fits), written
+    out here with transformers' renderer, and costs a few renders, not one per dropped turn."""
+    hf, fmt = hf_tokenizer(real_tokenizer("minimind3")), formatter("minimind3")
+    turns = [[{"role": "user", "content": f"question {i} " + "x" * (i % 7)},
+              {"role": "assistant", "content": f"answer {i}"}] for i in range(64)]
+    final = {"role": "user", "content": "the last one"}
+    calls = []
+    encode = fmt.tokenizer.encode
+    fmt.tokenizer.encode = lambda text: calls.append(1) or encode(text)
+    try:
+        for limit in (60, 137, 600):
+            calls.clear()
+            got = fmt.encode([SYS, *(m for t in turns for m in t), final],
+                             max_prompt_tokens=limit)
+            kept = list(turns)
+            while True:  # the oracle: one turn at a time
+                ids = hf(hf.apply_chat_template([SYS, *(m for t in kept for m in t), final],
+                                                tokenize=False, add_generation_prompt=True)
+                         )["input_ids"]
+                if len(ids) <= limit:
+                    break
+                kept = kept[1:]
+            assert got == ids and len(kept) < len(turns)
+            assert len(calls) <= 2 * len(turns).bit_length() + 2  # ~10 renders, not ~60
+    finally:
+        fmt.tokenizer.encode = encode
+
+
 def test_malformed_tool_call_is_a_value_error(formatter):
     # The template serialises missing arguments with tojson, which fails with TypeError.
     msgs = [{"role": "user", "content": "x"},

@@ -329,6 +329,43 @@ def test_bench_leaves_the_engine_free(make_checkpoint):
     assert engine.generate("hi", max_new_tokens=2).completion_tokens >= 1
 
 
+@needs_torch
+def test_chat_stats_after_ctrl_c_count_the_real_prompt(capsys, make_checkpoint, monkeypatch):
+    """Ctrl-C lands while the first piece of the reply is printed: the stats line still
+    counts the prompt the model was given (ChatML rendered by hand, tokenized directly)."""
+    from minimind_core.cli import chat as chat_cmd
+
+    path, _, _ = make_checkpoint("minimind2")
+    written = []
+
+    class CtrlC(io.StringIO):
+        def write(self, text):
+            written.append(text)
+            if len(written) == 1 and text:
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello world\nexit\n"))
+    monkeypatch.setattr(chat_cmd.sys, "stdout", CtrlC())
+    code, _, err = run(capsys, "chat", "-m", path, "--max-new-tokens", "8",
+                       "--system", "be brief")
+    assert code == 0, err
+    prompt = chatml(("system", "be brief"), ("user", "hello world"))
+    n = len(raw_tokenizer(path.parents[1]).encode(prompt).ids)
+    assert "(reply stopped)" in err and f"prompt {n} tokens]" in err
+
+
+@needs_torch
+def test_bad_seed_names_the_flag(capsys, make_checkpoint):
+    path, _, _ = make_checkpoint("minimind2")
+    for bad in ("-1", str(2**64), "x"):
+        code, _, err = run(capsys, "generate", "-m", path, "hi", "--seed", bad)
+        assert code == 2 and "argument --seed" in err and "Traceback" not in err
+    code, out, err = run(capsys, "generate", "-m", path, "hi", "--seed", str(2**64 - 1),
+                         "--temperature", "1", "--max-new-tokens", "2", "--json")
+    assert code == 0, err
+
+
 # ---- bad input: one line, non-zero exit, never a traceback -----------------------------------------
 
 @needs_torch

@@ -207,6 +207,10 @@ class ScriptedEngine:
         self.generators.append(gen)  # held, so only an explicit close() runs its finally
         return gen
 
+    def chat_ids(self, messages, *, max_history=None, max_new_tokens=0, **template_kwargs):
+        """One "token" per character of the contents (the real one is tested in test_cli)."""
+        return [0] * sum(len(m["content"]) for m in messages)
+
 
 def drive(engine, lines: str, session: ChatSession | None = None, out=None):
     session = session or ChatSession()
@@ -256,6 +260,7 @@ def test_ctrl_c_inside_generation_stops_that_reply_only():
     assert n == 2 and engine.closed == 2
     assert out.startswith("abc\n")
     assert "(reply stopped)" in err and "[stopped: " in err
+    assert "prompt 5 tokens]" in err  # "first": the prompt it was given, not 0
     assert session.messages[1] == {"role": "assistant", "content": "abc"}  # what was shown
 
 

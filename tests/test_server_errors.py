@@ -57,7 +57,7 @@ CHAT_ERRORS = [
     ({"messages": user("x"), "stop": [""]}, 400, "stop", "must not be empty"),
     ({"messages": user("x"), "stop": 5}, 422, "stop", "a string or an array"),
     ({"messages": user("x"), "model": "gpt-4"}, 404, "model", "'gpt-4' does not exist"),
-    ({"messages": user(LONG)}, 413, "messages", "context window"),
+    ({"messages": user(LONG)}, 400, "messages", "context window"),
     ({"messages": user("x"), "tool_choice": "required"}, 400, "tool_choice", "not supported"),
     ({"messages": user("x"), "tools": [{"type": "function"}]}, 400, "tools[0]", "must look like"),
     ({"messages": user("x"), "stream_options": "yes"}, 422, "stream_options", "an object"),
@@ -76,7 +76,7 @@ COMPLETION_ERRORS = [
     ({"prompt": ["a", "b"]}, 400, "prompt", "one prompt per request"),
     ({"prompt": 5}, 422, "prompt", "a string or an array of token ids"),
     ({"prompt": [99999]}, 400, "prompt", "outside the vocabulary"),
-    ({"prompt": LONG}, 413, "prompt", "context window"),
+    ({"prompt": LONG}, 400, "prompt", "context window"),
     ({"prompt": "x", "model": "nope"}, 404, "model", "'nope' does not exist"),
     ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens", "at least 1"),
 ]
@@ -94,7 +94,8 @@ def _check_error(r, status, param, words):
 
 @pytest.mark.parametrize("body, status, param, words", CHAT_ERRORS)
 def test_chat_bad_input(server, body, status, param, words):
-    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    kw = {"content": body, "headers": {"Content-Type": "application/json"}} \
+        if isinstance(body, bytes) else {"json": body}
     r = httpx.post(server.url + "/v1/chat/completions", timeout=30, **kw)
     _check_error(r, status, param, words)
 

@@ -94,7 +94,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                    help="prompt length in tokens (default 128)")
     g.add_argument("--gen-tokens", type=int, default=64, metavar="N",
                    help="tokens decoded per sequence (default 64)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    g.add_argument("--seed", type=common.seed, default=0, help="seed of the random prompts")
     g.add_argument("--json", action="store_true", help="print JSON instead of a table")
     common.add_model_args(parser)
 

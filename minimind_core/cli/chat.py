@@ -72,6 +72,10 @@ def reply(engine: Engine, session: ChatSession, text: str, out: TextIO, err: Tex
     out.flush()
     if stats.interrupted:
         err.write("(reply stopped)\n")
+        # the final chunk (and its usage) never came: count the prompt the engine was given
+        stats.prompt_tokens = len(engine.encode(prompt) if session.raw else engine.chat_ids(
+            messages, max_history=session.max_history,
+            max_new_tokens=session.params.max_new_tokens, **session.template_kwargs))
     if not session.raw:
         session.messages += [{"role": "user", "content": text},
                              {"role": "assistant", "content": answer}]

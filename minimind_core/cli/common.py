@@ -93,6 +93,17 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def seed(text: str) -> int:
+    """An argparse type: a sampling seed, 0 to 2**64-1 (what numpy, torch and MLX all take)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**64-1, got {value}")
+    return value
+
+
 def override_fields() -> list[tuple[str, Any]]:
     """(name, type) of every ModelConfig field a user may override from the command line."""
     out = []
@@ -348,7 +359,8 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--min-p", type=float, default=None, help="min-p filter (0 = off)")
     g.add_argument("--repetition-penalty", type=float, default=None,
                    help="penalise recent tokens (1.0 = off)")
-    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--seed", type=seed, default=None,
+                   help="random seed for sampling (0 to 2**64-1)")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop when this text appears (repeatable)")
 

@@ -1,4 +1,5 @@
-"""``create_app``: the FastAPI app serving one model (OpenAI API under /v1, the page at /)."""
+"""``create_app``: the FastAPI app serving one model (OpenAI API under /v1, upstream's /chat,
+the page at /), behind the request guards of ``guard.py``."""
 
 import asyncio
 import hmac
@@ -9,7 +10,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..params import SamplingParams
-from .routes import ServerState, chat_completions, completions, list_models
+from .guard import (
+    DEFAULT_MAX_BODY_MB,
+    WILDCARD_BINDS,
+    BodyGuard,
+    HostGuard,
+    OriginGuard,
+    check_origins,
+    default_hosts,
+)
+from .routes import ServerState, chat_completions, compat_chat, completions, list_models
 from .schema import APIError, error_body
 
 if TYPE_CHECKING:
@@ -23,6 +33,8 @@ log = logging.getLogger("minimind_core.server")
 WEB_DIR = Path(__file__).resolve().parent / "web"
 # Upstream MiniMind's own server defaults; a request's temperature / top_p override them.
 DEFAULT_SAMPLING = SamplingParams(max_new_tokens=512, temperature=0.7, top_p=0.92)
+ENDPOINTS = ("POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models",
+             "GET /health", "POST /chat", "GET / (the chat page)")
 
 
 # -- the app ---------------------------------------------------------------------------------
@@ -37,17 +49,27 @@ def _is_engine(obj: Any) -> bool:
 def create_app(engine_or_factory: "Engine | Callable[[], Engine]", *, model_name: str | None = None,
                api_key: str | None = None, cors: Sequence[str] | str | None = None,
                max_tokens_cap: int | None = None, max_queue: int = 64,
-               defaults: SamplingParams | None = None) -> "FastAPI":
+               defaults: SamplingParams | None = None, host: str = "127.0.0.1",
+               allowed_hosts: Sequence[str] | None = None,
+               allowed_origins: Sequence[str] | str | None = None,
+               max_body_mb: float = DEFAULT_MAX_BODY_MB, think: bool = False) -> "FastAPI":
     """The FastAPI app serving one model (OpenAI API under /v1, the chat page at /).
 
     Args:
         engine_or_factory: a loaded Engine, or a callable returning one (called at startup).
         model_name: the id clients use in ``model`` (default: the engine's name).
-        api_key: when set, /v1 routes need ``Authorization: Bearer <api_key>`` (else 401).
-        cors: allowed browser origins (``"*"`` for any); None adds no CORS headers.
+        api_key: when set, /v1 routes and /chat need ``Authorization: Bearer <api_key>``.
+        cors: the old name of ``allowed_origins`` (both may be given; they add up).
         max_tokens_cap: the most tokens one request may ask for (more is a 400).
         max_queue: requests that may wait while one generates; more get a 503.
         defaults: sampling used where a request is silent (``DEFAULT_SAMPLING``).
+        host: the address the server is bound to; its Host header is answered.
+        allowed_hosts: more Host names (``*.example.com`` patterns; ``"*"`` = any) beyond
+            the bound address, localhost, 127.0.0.1 and [::1].
+        allowed_origins: browser origins, besides the server's own page, that may call the
+            server (``"*"`` = any); they also get CORS headers. Other origins get 403.
+        max_body_mb: the largest request body in MiB (more is a 413).
+        think: the page's "think first" switch starts on.
     """
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -62,10 +84,12 @@ def create_app(engine_or_factory: "Engine | Callable[[], Engine]", *, model_name
             raise ValueError(f"max_tokens_cap must be >= 1, got {max_tokens_cap}")
         base = SamplingParams.from_kwargs(
             base, max_new_tokens=min(base.max_new_tokens, max_tokens_cap))
+    if not max_body_mb > 0:
+        raise ValueError(f"max_body_mb must be > 0, got {max_body_mb}")
     state = ServerState(factory=None if given else engine_or_factory,
-                   engine=engine_or_factory if given else None, model_name=model_name,
-                   api_key=api_key, max_tokens_cap=max_tokens_cap, max_queue=max_queue,
-                   defaults=base)
+                        engine=engine_or_factory if given else None, model_name=model_name,
+                        api_key=api_key, max_tokens_cap=max_tokens_cap, max_queue=max_queue,
+                        defaults=base, think_default=think)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -75,8 +99,8 @@ def create_app(engine_or_factory: "Engine | Callable[[], Engine]", *, model_name
         try:
             yield
         finally:  # uvicorn got SIGTERM/SIGINT and the connections are closed (or timed out)
-            if state.worker is not None:
-                await asyncio.to_thread(state.worker.close, 10.0)
+            if state.worker is not None:  # by now nothing runs but, at most, one last step
+                await asyncio.to_thread(state.worker.close, 2.0)
 
     app = FastAPI(title="minimind-core", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.minimind = state
@@ -88,7 +112,11 @@ def create_app(engine_or_factory: "Engine | Callable[[], Engine]", *, model_name
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return JSONResponse(error_body(str(e.detail), code=code), status_code=e.status_code,
+        message = str(e.detail)
+        if e.status_code in (404, 405):
+            message = (f"{message}: {request.method} {request.url.path}; this server has "
+                       f"{', '.join(ENDPOINTS)}")
+        return JSONResponse(error_body(message, code=code), status_code=e.status_code,
                             headers=getattr(e, "headers", None))
 
     @app.exception_handler(RequestValidationError)
@@ -108,7 +136,8 @@ def create_app(engine_or_factory: "Engine | Callable[[], Engine]", *, model_name
         scheme, _, token = header.partition(" ")
         if not header:
             raise APIError(401, "You didn't provide an API key; send it as "
-                                "'Authorization: Bearer <key>'", code="invalid_api_key")
+                                "'Authorization: Bearer <key>' (on the chat page: the API key "
+                                "field)", code="invalid_api_key")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
                                                                  state.api_key.encode()):
             raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
@@ -122,6 +151,10 @@ def create_app(engine_or_factory: "Engine | Callable[[], Engine]", *, model_name
     @app.post("/v1/completions", dependencies=auth)
     async def _completions(request: Request):
         return await completions(state, request)
+
+    @app.post("/chat", dependencies=auth)
+    async def _compat_chat(request: Request):
+        return await compat_chat(state, request)
 
     @app.get("/v1/models", dependencies=auth)
     async def _list_models():
@@ -142,18 +175,39 @@ def create_app(engine_or_factory: "Engine | Callable[[], Engine]", *, model_name
                 state.defaults.max_new_tokens, "context_window":
                 engine.config.max_position_embeddings if engine is not None else None,
                 "running": int(worker is not None and worker.running is not None),
-                "waiting": worker.waiting if worker is not None else 0}
+                "waiting": worker.waiting if worker is not None else 0,
+                # what the chat page starts with (its sliders, max tokens, think switch)
+                "defaults": {"temperature": state.defaults.temperature,
+                             "top_p": state.defaults.top_p,
+                             "max_tokens": state.defaults.max_new_tokens,
+                             "think": state.think_default}}
 
     @app.get("/", include_in_schema=False)
     async def _page():
         return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def _favicon():
+        return FileResponse(WEB_DIR / "favicon.svg", media_type="image/svg+xml")
+
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 
-    if cors:
+    # Starlette runs the last added middleware first: Host, then Origin, then CORS (so that
+    # allowed pages can read the body guard's errors), then the body guard.
+    origins = check_origins([*_as_list(cors), *_as_list(allowed_origins)])
+    hosts = default_hosts(host, _as_list(allowed_hosts))  # both raise ValueError now, not later
+    app.add_middleware(BodyGuard, max_bytes=int(max_body_mb * 1024 * 1024))
+    if origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        origins = [cors] if isinstance(cors, str) else list(cors)
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"],
                            allow_headers=["*"])
+    app.add_middleware(OriginGuard, allowed_origins=origins)
+    app.add_middleware(HostGuard, allowed_hosts=hosts, any_ip=host in WILDCARD_BINDS)
     return app
+
+
+def _as_list(value: Sequence[str] | str | None) -> list[str]:
+    if not value:
+        return []
+    return [value] if isinstance(value, str) else list(value)

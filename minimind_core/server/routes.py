@@ -1,6 +1,13 @@
 """What each OpenAI endpoint does: check the request, queue the generation, answer in
 OpenAI's shape (JSON, or Server-Sent Events for ``stream: true``).
 
+Every check happens before the first byte of the answer: a request is parsed, its prompt built
+and fitted to the context, then queued, and the status line goes out only once its generation
+has produced a first chunk (or failed: then the status says so). So a streamed request never
+gets 200 followed by an error event for a bad input, and a queued request can still get 503
+when the server shuts down. A stream cut short by shutdown ends with an error event and
+``data: [DONE]``.
+
 ``app.py`` builds the FastAPI app around these and runs it; ``schema.py`` checks
 requests and builds bodies; ``reasoning.py`` splits ``<think>`` / ``<tool_call>`` out of replies;
 ``worker.py`` runs generations off the event loop.
@@ -30,19 +37,19 @@ from .schema import (
     new_id,
     parse_chat_request,
     parse_completion_request,
+    parse_json_body,
     usage_body,
 )
-from .worker import GenerationWorker, Job, QueueFull
+from .worker import SHUTDOWN, GenerationWorker, Job, QueueFull
 
 if TYPE_CHECKING:
     from fastapi import Request
 
     from ..engine import Engine
 
-__all__ = ["MAX_BODY_BYTES", "ServerState", "chat_completions", "completions", "list_models"]
+__all__ = ["ServerState", "chat_completions", "compat_chat", "completions", "list_models"]
 
 log = logging.getLogger("minimind_core.server")
-MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
 def _sse(obj: Any) -> str:
@@ -61,6 +68,7 @@ class ServerState:
     max_tokens_cap: int | None
     max_queue: int
     defaults: SamplingParams
+    think_default: bool = False  # the page's "think first" switch starts on
     created: int = field(default_factory=lambda: int(time.time()))
     worker: GenerationWorker | None = None
 
@@ -94,10 +102,29 @@ class ServerState:
                        param="model", code="model_not_found")
 
     def submit(self, start: Callable[[], Any]) -> Job:
+        worker = self.get_worker()
         try:
-            return self.get_worker().submit(start)
+            return worker.submit(start)
         except QueueFull as e:
+            if worker.closed:
+                raise _shutting_down() from e
             raise APIError(503, f"the server is busy: {e}", code="server_busy") from e
+
+    def begin_shutdown(self, grace: float) -> None:
+        """The server is stopping (SIGTERM): take no new generations, answer every queued
+        request 503 now, and let the running one go on for ``grace`` seconds before it is
+        cancelled (its stream then ends with an error event). Call from the event loop."""
+        if self.worker is None:
+            return
+        running = self.worker.drain()
+        if running is not None:
+            asyncio.get_running_loop().call_later(max(grace, 0.0), self.worker.cancel,
+                                                  running, SHUTDOWN)
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down; retry against another instance or "
+                         "once it is back", code="server_shutting_down")
 
 
 # -- the streaming response ------------------------------------------------------------------
@@ -128,13 +155,40 @@ async def _watch_disconnect(request: "Request", cancel: Callable[[], None]) -> N
             return
 
 
-async def _collect(state: ServerState, job: Job, request: "Request") -> tuple[str, StreamChunk | None]:
-    """All text of a job and its final chunk (None when the client left first)."""
+async def _first_chunk(state: ServerState, job: Job, request: "Request") -> StreamChunk:
+    """Wait (while the job queues and starts) for its first chunk; the client leaving cancels
+    it. A failed start, a shutdown or a vanished client become an APIError here, before any
+    byte of the answer is sent."""
     worker = state.get_worker()
     watcher = asyncio.create_task(_watch_disconnect(request, partial(worker.cancel, job)))
-    parts, final = [], None
     try:
-        async for chunk in job:
+        first = await job.next()
+    except ValueError as e:  # the engine refused the request
+        raise APIError(400, str(e)) from e
+    except Exception as e:
+        log.exception("generation failed")
+        raise APIError(500, f"generation failed: {type(e).__name__}: {e}") from e
+    finally:
+        watcher.cancel()
+    if first is None:
+        raise _ended_early(job)
+    return first
+
+
+def _ended_early(job: Job) -> APIError:
+    if job.reason == SHUTDOWN:
+        return _shutting_down()
+    return APIError(499, "the client closed the request", code="client_closed")
+
+
+async def _collect(state: ServerState, job: Job, request: "Request",
+                   first: StreamChunk) -> tuple[str, StreamChunk]:
+    """All text of a job and its final chunk (APIError when it ended without one)."""
+    worker = state.get_worker()
+    watcher = asyncio.create_task(_watch_disconnect(request, partial(worker.cancel, job)))
+    parts, final = [first.text], first if first.finish_reason is not None else None
+    try:
+        while final is None and (chunk := await job.next()) is not None:
             parts.append(chunk.text)
             if chunk.finish_reason is not None:
                 final = chunk
@@ -143,7 +197,16 @@ async def _collect(state: ServerState, job: Job, request: "Request") -> tuple[st
     finally:
         watcher.cancel()
         worker.cancel(job)
+    if final is None:
+        raise _ended_early(job)
     return "".join(parts), final
+
+
+async def _rest(first: StreamChunk, job: Job) -> AsyncIterator[StreamChunk]:
+    yield first
+    if first.finish_reason is None:
+        async for chunk in job:
+            yield chunk
 
 
 def _finish_reason(parser: ReplyParser, reason: str) -> str:
@@ -164,23 +227,24 @@ def _message(delta: ReplyDelta) -> dict[str, Any]:
 
 
 async def _read_json(request: "Request") -> Any:
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body is {int(length)} bytes; the limit is "
-                            f"{MAX_BODY_BYTES}", code="request_too_large")
-    raw = await request.body()
-    if not raw.strip():
-        raise APIError(400, "the request body is empty; send a JSON object",
-                       code="invalid_body")
-    try:
-        return json.loads(raw)
-    except ValueError as e:
-        raise APIError(400, f"could not parse the JSON body: {e}", code="invalid_json") from e
+    """The body (already size-checked by BodyGuard), parsed off the event loop."""
+    from fastapi.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(parse_json_body, await request.body())
 
 
-def _chat_prompt(engine: "Engine", req: ChatRequest) -> bool:
-    """Check the prompt fits (413 when even the last turn cannot) and say whether it leaves a
-    ``<think>`` block open, so the reply starts inside it."""
+def _context_error(e: ValueError, param: str) -> APIError:
+    """A prompt that cannot fit is a 400 ``context_length_exceeded`` (OpenAI's and vLLM's
+    answer); any other ValueError a plain 400."""
+    message = str(e)
+    if "context window" in message or "no room for a prompt" in message:
+        return APIError(400, message, param=param, code="context_length_exceeded")
+    return APIError(400, message, param=param)
+
+
+def _chat_prompt(engine: "Engine", req: ChatRequest) -> tuple[list[int], bool]:
+    """The prompt ids (oldest turns dropped to fit; 400 when even the last turn cannot) and
+    whether they leave a ``<think>`` block open, so the reply starts inside it."""
     try:
         ids = engine.chat_ids(req.messages, tools=req.tools,
                               max_new_tokens=req.params.max_new_tokens, **req.template_kwargs)
@@ -188,15 +252,23 @@ def _chat_prompt(engine: "Engine", req: ChatRequest) -> bool:
         raise APIError(400, f"bad chat_template_kwargs: {e}",
                        param="chat_template_kwargs") from e
     except ValueError as e:
-        if "context window" in str(e):
-            raise APIError(413, str(e), param="messages", code="context_length_exceeded") from e
-        raise APIError(400, str(e), param="messages") from e
-    return prompt_opens_think(engine.tokenizer.decode(ids, skip_special_tokens=False))
+        raise _context_error(e, "messages") from e
+    return ids, prompt_opens_think(engine.tokenizer.decode(ids, skip_special_tokens=False))
+
+
+async def _start_chat(state: ServerState, engine: "Engine", req: ChatRequest,
+                      request: "Request") -> tuple[Job, StreamChunk, bool]:
+    """Build the prompt, queue the generation and wait for its first chunk."""
+    from fastapi.concurrency import run_in_threadpool
+
+    ids, in_think = await run_in_threadpool(_chat_prompt, engine, req)
+    # the ids just checked are the ones generated from (no second render in the worker)
+    job = state.submit(partial(engine.stream, ids, req.params))
+    return job, await _first_chunk(state, job, request), in_think
 
 
 async def chat_completions(state: ServerState, request: "Request"):
     """POST /v1/chat/completions."""
-    from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
 
     engine = state.ready()
@@ -204,17 +276,14 @@ async def chat_completions(state: ServerState, request: "Request"):
                              window=engine.config.max_position_embeddings,
                              max_tokens_cap=state.max_tokens_cap)
     model = state.check_model(req.model)
-    in_think = await run_in_threadpool(_chat_prompt, engine, req)
+    job, first, in_think = await _start_chat(state, engine, req, request)
     parser = ReplyParser(parse_tools=req.parse_tools, in_think=in_think)
-    job = state.submit(partial(engine.stream_chat, req.messages, req.params, tools=req.tools,
-                               template_kwargs=req.template_kwargs))
     rid, created = new_id("chatcmpl"), int(time.time())
     if req.stream:
-        events = _chat_events(job, parser, rid, created, model, req.include_usage)
+        events = _chat_events(_rest(first, job), job, parser, rid, created, model,
+                              req.include_usage)
         return _event_stream(events, partial(state.get_worker().cancel, job))
-    text, final = await _collect(state, job, request)
-    if final is None:  # the client left; nobody reads this
-        raise APIError(499, "the client closed the request", code="client_closed")
+    text, final = await _collect(state, job, request, first)
     delta = parser.feed(text)
     delta += parser.finish()
     return JSONResponse(chat_completion(
@@ -222,13 +291,40 @@ async def chat_completions(state: ServerState, request: "Request"):
         usage_body(final.usage.prompt_tokens, final.usage.completion_tokens)))
 
 
-async def _chat_events(job: Job, parser: ReplyParser, rid: str, created: int, model: str,
+async def compat_chat(state: ServerState, request: "Request"):
+    """POST /chat: upstream MiniMind's FastAPI example, ``{messages, max_tokens, temperature}``
+    → ``{"response": text}`` (the raw reply text); other OpenAI fields work as in /v1."""
+    from fastapi.responses import JSONResponse
+
+    engine = state.ready()
+    req = parse_chat_request(await _read_json(request), defaults=state.defaults,
+                             window=engine.config.max_position_embeddings,
+                             max_tokens_cap=state.max_tokens_cap)
+    if req.stream:
+        raise APIError(400, "/chat answers in one piece; for streaming use "
+                            "POST /v1/chat/completions", param="stream", code="invalid_value")
+    job, first, _ = await _start_chat(state, engine, req, request)
+    text, _ = await _collect(state, job, request, first)
+    return JSONResponse({"response": text})
+
+
+def _cut_short(job: Job) -> str:
+    """The error event of a stream that ended without a finish_reason."""
+    if job.reason == SHUTDOWN:
+        return _sse(_shutting_down().body())
+    return _sse(error_body("the generation was cancelled", type="server_error",
+                           code="cancelled"))
+
+
+async def _chat_events(chunks: AsyncIterator[StreamChunk], job: Job, parser: ReplyParser,
+                       rid: str, created: int, model: str,
                        include_usage: bool) -> AsyncIterator[str]:
     chunk_of = partial(chat_chunk, rid, created, model, include_usage=include_usage)
     yield _sse(chunk_of({"role": "assistant", "content": ""}))
     n_calls = 0
+    finished = False
     try:
-        async for chunk in job:
+        async for chunk in chunks:
             delta = parser.feed(chunk.text)
             if chunk.finish_reason is not None:
                 delta += parser.finish()
@@ -240,11 +336,14 @@ async def _chat_events(job: Job, parser: ReplyParser, rid: str, created: int, mo
                 yield _sse(chunk_of({"tool_calls": [call.to_openai(index=n_calls)]}))
                 n_calls += 1
             if chunk.finish_reason is not None:
+                finished = True
                 yield _sse(chunk_of({}, _finish_reason(parser, chunk.finish_reason)))
                 if include_usage:
                     yield _sse(chat_chunk(rid, created, model, None, include_usage=True,
                                           usage=usage_body(chunk.usage.prompt_tokens,
                                                            chunk.usage.completion_tokens)))
+        if not finished:
+            yield _cut_short(job)
     except Exception as e:  # headers are sent: report in the stream, as vLLM does
         log.exception("generation failed")
         yield _sse(error_body(str(e), type="server_error"))
@@ -267,37 +366,43 @@ async def completions(state: ServerState, request: "Request"):
         raise APIError(400, str(e), param="prompt") from e
     window = engine.config.max_position_embeddings
     if len(ids) >= window:
-        raise APIError(413, f"prompt is {len(ids)} tokens, longer than the context window of "
+        raise APIError(400, f"prompt is {len(ids)} tokens, longer than the context window of "
                             f"{window} tokens; shorten the prompt", param="prompt",
                        code="context_length_exceeded")
     echo = (req.prompt if isinstance(req.prompt, str) else engine.tokenizer.decode(ids)) \
         if req.echo else ""
     job = state.submit(partial(engine.stream, ids, req.params))
+    first = await _first_chunk(state, job, request)
     rid, created = new_id("cmpl"), int(time.time())
     if req.stream:
-        events = _completion_events(job, rid, created, model, req.include_usage, echo)
+        events = _completion_events(_rest(first, job), job, rid, created, model,
+                                    req.include_usage, echo)
         return _event_stream(events, partial(state.get_worker().cancel, job))
-    text, final = await _collect(state, job, request)
-    if final is None:
-        raise APIError(499, "the client closed the request", code="client_closed")
+    text, final = await _collect(state, job, request, first)
     return JSONResponse(completion(rid, created, model, echo + text, final.finish_reason,
                                    usage_body(final.usage.prompt_tokens,
                                               final.usage.completion_tokens)))
 
 
-async def _completion_events(job: Job, rid: str, created: int, model: str,
-                             include_usage: bool, echo: str) -> AsyncIterator[str]:
+async def _completion_events(chunks: AsyncIterator[StreamChunk], job: Job, rid: str,
+                             created: int, model: str, include_usage: bool,
+                             echo: str) -> AsyncIterator[str]:
     chunk_of = partial(completion_chunk, rid, created, model, include_usage=include_usage)
     if echo:
         yield _sse(chunk_of(echo))
+    finished = False
     try:
-        async for chunk in job:
+        async for chunk in chunks:
             if chunk.text or chunk.finish_reason is not None:
                 yield _sse(chunk_of(chunk.text, chunk.finish_reason))
-            if chunk.finish_reason is not None and include_usage:
-                yield _sse(completion_chunk(rid, created, model, None, include_usage=True,
-                                            usage=usage_body(chunk.usage.prompt_tokens,
-                                                             chunk.usage.completion_tokens)))
+            if chunk.finish_reason is not None:
+                finished = True
+                if include_usage:
+                    yield _sse(completion_chunk(rid, created, model, None, include_usage=True,
+                                                usage=usage_body(chunk.usage.prompt_tokens,
+                                                                 chunk.usage.completion_tokens)))
+        if not finished:
+            yield _cut_short(job)
     except Exception as e:
         log.exception("generation failed")
         yield _sse(error_body(str(e), type="server_error"))

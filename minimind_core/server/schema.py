@@ -2,14 +2,21 @@
 
 Requests are checked by hand rather than with pydantic models so that every error names the
 parameter and says what to send instead, in OpenAI's shape
-``{"error": {"message", "type", "param", "code"}}``. Statuses: 400 for a bad value or a missing
-parameter, 422 for a value of the wrong JSON type, 401/404/413/503 for their usual meanings.
+``{"error": {"message", "type", "param", "code"}}``. Statuses: 400 for a bad value, a missing
+parameter, malformed JSON or a prompt longer than the context (``context_length_exceeded``),
+422 for a value of the wrong JSON type, 401/404/413/415/503 for their usual meanings.
 Unknown fields are ignored, as OpenAI-compatible servers do, unless ignoring them would silently
 change the answer (``logprobs``, JSON ``response_format``, a forced ``tool_choice``).
+
+Bodies are strict JSON: NaN and Infinity (which Python's ``json`` accepts), numbers too large
+for a float, lone UTF-16 surrogates and nesting deeper than ``MAX_JSON_DEPTH`` are a 400, so no
+later step (the tokenizer, a template's ``tojson``) can fail on them.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,9 +25,14 @@ from typing import Any
 from ..chat import ROLES, validate_messages
 from ..params import SamplingParams
 
-__all__ = ["APIError", "ChatRequest", "CompletionRequest", "chat_chunk", "chat_completion",
-           "completion", "completion_chunk", "error_body", "model_card", "new_id",
-           "parse_chat_request", "parse_completion_request", "usage_body"]
+__all__ = ["GREEDY_BELOW", "MAX_JSON_DEPTH", "APIError", "ChatRequest", "CompletionRequest",
+           "chat_chunk", "chat_completion", "completion", "completion_chunk", "error_body",
+           "model_card", "new_id", "parse_chat_request", "parse_completion_request",
+           "parse_json_body", "usage_body"]
+
+MAX_JSON_DEPTH = 64  # objects/arrays inside each other; tool schemas need a handful
+GREEDY_BELOW = 1e-5  # a smaller temperature is greedy (as vLLM): dividing by it overflows
+SEED_RANGE = (-2**63, 2**63)  # int64, as vLLM; mapped onto uint64 for the samplers
 
 
 class APIError(Exception):
@@ -39,6 +51,67 @@ class APIError(Exception):
 def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# -- the JSON body ---------------------------------------------------------------------------
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON; send finite numbers")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is too large for a 64-bit float")
+    return value
+
+
+def _invalid_json(message: str) -> APIError:
+    return APIError(400, message, code="invalid_json")
+
+
+def _check_tree(body: Any) -> None:
+    """Depth and text checks over the parsed body, without recursion."""
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    bad = value[e.start]
+                    raise _invalid_json(
+                        f"the JSON body contains a lone surrogate (\\u{ord(bad):04x}), which is "
+                        "not text; send the character itself or a complete surrogate pair") from e
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise _invalid_json(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels "
+                                "deep; flatten it")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, depth))
+                stack.append((item, depth + 1))
+        else:
+            stack.extend((item, depth + 1) for item in value)
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """The parsed request body; raises APIError (400) for anything but strict JSON text."""
+    if not raw.strip():
+        raise APIError(400, "the request body is empty; send a JSON object", code="invalid_body")
+    try:
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise _invalid_json(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep; "
+                            "flatten it") from None
+    except ValueError as e:  # also UnicodeDecodeError: the bytes are not UTF-8
+        raise _invalid_json(f"could not parse the JSON body: {e}") from e
+    _check_tree(body)
+    return body
 
 
 # -- field readers ---------------------------------------------------------------------------
@@ -120,6 +193,14 @@ def _sampling(body: dict, defaults: SamplingParams, cap: int | None,
     temperature = values["temperature"]
     if temperature is not None and not 0 <= temperature <= 2:
         raise _bad("temperature", f"'temperature' must be between 0 and 2, got {temperature}")
+    if temperature is not None and temperature < GREEDY_BELOW:
+        values["temperature"] = 0.0
+    seed = values["seed"]
+    if seed is not None:
+        if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+            raise _bad("seed", f"'seed' must be a 64-bit integer (from -2**63 to 2**63-1), "
+                               f"got {seed}")
+        values["seed"] = seed % 2**64  # numpy, torch and MLX all take seeds in [0, 2**64)
     if values["top_p"] == 0:  # OpenAI accepts 0 and means "only the most likely token"
         values["top_p"], values["temperature"] = None, 0.0
     try:

@@ -5,7 +5,11 @@ server hands each request to a single worker thread in arrival order. The thread
 StreamChunk into the request's asyncio queue; the request's handler reads them there. A request
 that goes away (client disconnect, shutdown) sets its job's cancel flag: a waiting job is
 dropped, a running one stops at its next chunk — the worker closes the engine's generator, which
-releases the engine for the next request.
+releases the engine for the next request. A job records why it was cancelled (``reason``), so
+the request can answer a shutdown with 503 rather than as a vanished client.
+
+On shutdown ``drain`` stops taking jobs and drops the waiting ones at once (their requests answer
+503); the running one may finish until a deadline, then it is cancelled too.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from typing import Any
 
 from ..params import StreamChunk
 
-__all__ = ["GenerationWorker", "Job", "QueueFull"]
+__all__ = ["CLIENT_GONE", "SHUTDOWN", "GenerationWorker", "Job", "QueueFull"]
 
 _END = object()
+CLIENT_GONE = "client"  # cancel reasons
+SHUTDOWN = "shutdown"
 
 
 class QueueFull(RuntimeError):
@@ -41,11 +47,15 @@ class Job:
         self.loop = loop
         self.cancelled = threading.Event()
         self.finished = threading.Event()
+        self.reason: str | None = None  # why it was cancelled: CLIENT_GONE or SHUTDOWN
         self.chunks_made = 0
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
 
-    def cancel(self) -> None:
-        """Ask the worker to stop (or never start) this job; safe from any thread."""
+    def cancel(self, reason: str = CLIENT_GONE) -> None:
+        """Ask the worker to stop (or never start) this job; safe from any thread. The first
+        reason given is kept."""
+        if self.reason is None:
+            self.reason = reason
         self.cancelled.set()
 
     def _put(self, item: Any) -> None:
@@ -77,14 +87,20 @@ class Job:
             self.finished.set()
             self._put(_END)
 
+    async def next(self) -> StreamChunk | None:
+        """The next chunk, None once the job has ended (done or cancelled); re-raises the
+        generation's exception."""
+        item = await self._queue.get()
+        if item is _END:
+            self._queue.put_nowait(_END)  # later calls see the end too
+            return None
+        if isinstance(item, _Failure):
+            raise item.error
+        return item
+
     async def __aiter__(self) -> AsyncIterator[StreamChunk]:
-        while True:
-            item = await self._queue.get()
-            if item is _END:
-                return
-            if isinstance(item, _Failure):
-                raise item.error
-            yield item
+        while (chunk := await self.next()) is not None:
+            yield chunk
 
 
 class GenerationWorker:
@@ -124,9 +140,14 @@ class GenerationWorker:
             self._cond.notify()
         return job
 
-    def cancel(self, job: Job) -> None:
+    @property
+    def closed(self) -> bool:
+        """True once ``drain`` or ``close`` was called: no new jobs are taken."""
+        return self._closed
+
+    def cancel(self, job: Job, reason: str = CLIENT_GONE) -> None:
         """Stop a job: dropped if still waiting, stopped at its next chunk if running."""
-        job.cancel()
+        job.cancel(reason)
         with self._cond:
             if job in self._waiting:
                 self._waiting.remove(job)
@@ -147,12 +168,24 @@ class GenerationWorker:
                 with self._cond:
                     self.running = None
 
-    def close(self, timeout: float | None = 10.0) -> None:
-        """Cancel everything and stop the thread (waits up to ``timeout`` seconds)."""
+    def drain(self) -> Job | None:
+        """Take no more jobs and drop every waiting one (reason SHUTDOWN); the running job, if
+        any, goes on and is returned."""
         with self._cond:
             self._closed = True
-            jobs = [*self._waiting, *([self.running] if self.running else [])]
+            waiting = list(self._waiting)
+            self._waiting.clear()  # under the lock, so the worker cannot start one of them
+            running = self.running
             self._cond.notify_all()
-        for job in jobs:
-            self.cancel(job)
+        for job in waiting:
+            job.cancel(SHUTDOWN)
+            job.finished.set()
+            job._put(_END)
+        return running
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Cancel everything and stop the thread (waits up to ``timeout`` seconds)."""
+        running = self.drain()
+        if running is not None:
+            self.cancel(running, SHUTDOWN)
         self._thread.join(timeout)

@@ -13,22 +13,32 @@ let maxTokensCap = Infinity; // the server's limit, from /health
 
 const SETTINGS = ["system", "temperature", "top-p", "max-tokens", "thinking", "api-key"];
 
+function setValue(el, value) {
+  if (el.type === "checkbox") el.checked = value === true || value === "true";
+  else el.value = String(value);
+}
+
+// The server's defaults (GET /health → defaults: temperature, top_p, max_tokens, think) first,
+// then whatever this browser's user changed, which is kept per setting.
+function applyDefaults(defaults) {
+  const fields = { "temperature": defaults.temperature, "top-p": defaults.top_p,
+                   "max-tokens": defaults.max_tokens, "thinking": defaults.think };
+  for (const [id, value] of Object.entries(fields)) {
+    if (value !== undefined && value !== null) setValue($(id), value);
+  }
+}
+
 function loadSettings() {
   for (const id of SETTINGS) {
     const saved = localStorage.getItem("minimind." + id);
-    if (saved === null) continue;
-    const el = $(id);
-    if (el.type === "checkbox") el.checked = saved === "true";
-    else el.value = saved;
+    if (saved !== null) setValue($(id), saved);
   }
   showSliders();
 }
 
-function saveSettings() {
-  for (const id of SETTINGS) {
-    const el = $(id);
-    localStorage.setItem("minimind." + id, el.type === "checkbox" ? el.checked : el.value);
-  }
+function saveSetting(event) {
+  const el = event.target; // only the setting the user changed, so the others follow the server
+  localStorage.setItem("minimind." + el.id, el.type === "checkbox" ? el.checked : el.value);
   showSliders();
 }
 
@@ -213,6 +223,12 @@ async function send(text) {
       method: "POST", headers: headers(), body: JSON.stringify(requestBody()),
       signal: controller.signal,
     });
+    if (response.status === 401) {
+      $("api-key-row").hidden = false;
+      throw new Error("This server needs an API key: type it into the \u201cAPI key\u201d " +
+                      "field in the settings on the left, then send again. (" +
+                      (await errorText(response)) + ")");
+    }
     if (!response.ok) throw new Error(await errorText(response));
     for await (const event of sseEvents(response)) {
       if (event.error) throw new Error(event.error.message);
@@ -275,8 +291,7 @@ function clearChat() {
 }
 
 async function init() {
-  loadSettings();
-  for (const id of SETTINGS) $(id).addEventListener("change", saveSettings);
+  for (const id of SETTINGS) $(id).addEventListener("change", saveSetting);
   $("temperature").addEventListener("input", showSliders);
   $("top-p").addEventListener("input", showSliders);
   $("clear").addEventListener("click", clearChat);
@@ -293,8 +308,15 @@ async function init() {
       $("composer").requestSubmit();
     }
   });
+  let health = null;
   try {
-    const health = await (await fetch("health")).json();
+    health = await (await fetch("health")).json();
+  } catch (_) {
+    $("status").textContent = "server unreachable";
+  }
+  if (health && health.defaults) applyDefaults(health.defaults);
+  loadSettings();
+  if (health) {
     modelName = health.model;
     // Stay within what the server allows (a request over its cap would be refused).
     const cap = health.max_tokens || (health.context_window && health.context_window - 1);
@@ -306,8 +328,6 @@ async function init() {
     $("model-name").textContent = health.model;
     $("api-key-row").hidden = !health.auth;
     $("status").textContent = health.status === "ok" ? "" : health.status;
-  } catch (_) {
-    $("status").textContent = "server unreachable";
   }
   setBusy(false);
   // ?autosend=<text> sends a first message on load (used by the browser test, handy for links).
