@@ -30,6 +30,8 @@ class Slots:
         self.used = np.zeros(slots, dtype=bool)
         self.cached: OrderedDict[int, tuple[int, ...]] = OrderedDict()  # slot -> ids, LRU first
 
+    nbytes = 0  # a cache with storage says how much (the scheduler sizes its prefix cache by it)
+
     def fits(self, slots: int, length: int) -> bool:
         """Whether ``slots`` free rows of ``length`` positions are available."""
         return int((~self.used).sum()) >= slots and length <= self.max_len

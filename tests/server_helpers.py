@@ -90,21 +90,34 @@ class ScriptedEngine(Engine):
         return self.replies.get(user, f"echo: {user}")
 
     def _new_cache(self, slots, max_len):
-        self.scripts: dict[int, tuple] = {}
+        # what each slot holds (prefix reuse, chunks); kept when the cache grows, slot for slot
+        self.scripts: dict[int, tuple] = getattr(self, "scripts", {})
+        self.slot_ids: dict[int, list[int]] = getattr(self, "slot_ids", {})
         return Slots(slots, max_len)
+
+    def _copy_cache(self, src, dst):  # no keys to copy: the scripts live in self.slot_ids
+        pass
 
     def _prefill(self, cache, slot, ids):
         eos = self.tokenizer.eos_token_id
-        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        start = int(cache.lengths[slot])  # > 0: a cached prefix or an earlier chunk
+        full = self.slot_ids.get(slot, [])[:start] + list(ids)
+        self.slot_ids[slot] = full
+        cache.lengths[slot] = len(full)
+        text = self.tokenizer.decode(full, skip_special_tokens=False)
         reply = self.reply_for(text)
         record = {"prompt": text, "tokens": 0}
-        self.generations.append(record)
+        if start and self.generations and self.generations[-1].get("slot") == slot \
+                and not self.generations[-1]["tokens"]:
+            self.generations[-1] = record  # the same prompt, one more chunk in
+        else:
+            self.generations.append(record)
+        record["slot"] = slot
         if reply is ENDLESS:
             script = itertools.cycle(self.tokenizer.encode(" la"))
         else:
             script = itertools.chain(self.tokenizer.encode(reply), itertools.repeat(eos))
         self.scripts[slot] = (script, record)
-        cache.lengths[slot] = len(ids)
         return self._next(slot)
 
     def _next(self, slot):
@@ -118,6 +131,8 @@ class ScriptedEngine(Engine):
 
     def _decode_step(self, cache, slots, tokens):
         cache.lengths[slots] += 1
+        for slot, token in zip(slots.tolist(), tokens.tolist()):
+            self.slot_ids[slot].append(token)
         return np.stack([self._next(s) for s in slots])
 
     def _sample(self, logits, rows):  # the script's token, whatever the sampling parameters
@@ -166,8 +181,8 @@ def raw_http(url: str, request: bytes, timeout: float = 10.0) -> tuple[int, dict
 
 def main(argv: list[str] | None = None) -> None:
     """``python tests/server_helpers.py PORT SHUTDOWN_TIMEOUT``: serve a ScriptedEngine (10 ms a
-    token; "endless" never ends, "slow" is 40 words) with the library's own ``serve``, so a
-    test can send it real signals."""
+    token; "endless" never ends, "slow" is 40 words; one request at a time) with the library's
+    own ``serve``, so a test can send it real signals."""
     import sys
     import tempfile
 
@@ -177,8 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as folder:
         engine = ScriptedEngine(make_tokenizer(Path(folder) / "model"), delay=0.01)
         engine.replies.update({"endless": ENDLESS, "slow": "word " * 40})
-        serve(create_app(engine, model_name=MODEL), port=port, log_level="warning",
-              shutdown_timeout=shutdown_timeout)
+        # one request at a time, so the others queue (what the shutdown tests look at)
+        serve(create_app(engine, model_name=MODEL, max_num_seqs=1), port=port,
+              log_level="warning", shutdown_timeout=shutdown_timeout)
 
 
 if __name__ == "__main__":

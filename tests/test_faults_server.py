@@ -328,7 +328,7 @@ def test_generation_failure_is_a_status_not_an_error_event(server, engine, monke
     def refuse(*args, **kwargs):
         raise ValueError("the engine refused this request")
 
-    monkeypatch.setattr(engine, "stream", refuse)
+    monkeypatch.setattr(engine, "_prefill", refuse)  # the scheduler's first call for it
     for stream in (False, True):
         with httpx.stream("POST", server.url + CHAT, timeout=30,
                           json={"messages": user("boom"), "stream": stream}) as r:

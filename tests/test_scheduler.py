@@ -102,7 +102,7 @@ def test_prefix_cache_reuses_the_previous_turn(engine):
     assert cached == fed  # the prompt and the reply's fed tokens came from the cache
     assert ids2 == engine.generate(second, params).token_ids
     off = Scheduler(engine, prefix_cache=0)
-    assert off.prefix_cache == 0
+    assert off.extra_slots == 0 and off.describe()["prefix_cache_slots"] is None
     off.close()
 
 

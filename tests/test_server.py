@@ -390,7 +390,7 @@ def test_disconnect_non_stream_stops_generation(server, slow, client):
 def test_queue_full_gives_503(tokenizer):
     engine = ScriptedEngine(tokenizer, delay=0.01)
     engine.replies["endless"] = ENDLESS
-    with ServerThread(create_app(engine, model_name=MODEL, max_queue=1)) as s:
+    with ServerThread(create_app(engine, model_name=MODEL, max_queue=1, max_num_seqs=1)) as s:
         url = s.url + "/v1/chat/completions"
         results = {}
         with httpx.Client(timeout=30) as http, http.stream(

@@ -26,6 +26,11 @@ class SlotCache(Slots):
         self.keys = [mx.zeros(shape, dtype=dtype) for _ in range(layers)]
         self.values = [mx.zeros(shape, dtype=dtype) for _ in range(layers)]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of keys and values (every slot)."""
+        return sum(a.nbytes for a in self.keys) + sum(a.nbytes for a in self.values)
+
     def span(self, slot: int, start: int, length: int) -> list[SpanView]:
         """Views that prefill positions ``start..start+length`` of ``slot``, one per layer."""
         return [SpanView(self, i, slot, start, length) for i in range(len(self.keys))]

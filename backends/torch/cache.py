@@ -35,6 +35,11 @@ class KVCache(Slots):
     def device(self) -> torch.device:
         return self.k.device
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of keys and values (every slot)."""
+        return self.k.nbytes + self.v.nbytes
+
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> None:
         """Write one position per row: k, v [rows, kv_heads, 1, d] at (slots[i], positions[i])."""

@@ -52,7 +52,9 @@ def create_app(engine_or_factory: "Engine | Callable[[], Engine]", *, model_name
                defaults: SamplingParams | None = None, host: str = "127.0.0.1",
                allowed_hosts: Sequence[str] | None = None,
                allowed_origins: Sequence[str] | str | None = None,
-               max_body_mb: float = DEFAULT_MAX_BODY_MB, think: bool = False) -> "FastAPI":
+               max_body_mb: float = DEFAULT_MAX_BODY_MB, think: bool = False,
+               max_num_seqs: int = 16, max_num_batched_tokens: int = 512,
+               prefix_cache_mb: float = 512.0) -> "FastAPI":
     """The FastAPI app serving one model (OpenAI API under /v1, the chat page at /).
 
     Args:
@@ -61,7 +63,7 @@ def create_app(engine_or_factory: "Engine | Callable[[], Engine]", *, model_name
         api_key: when set, /v1 routes and /chat need ``Authorization: Bearer <api_key>``.
         cors: the old name of ``allowed_origins`` (both may be given; they add up).
         max_tokens_cap: the most tokens one request may ask for (more is a 400).
-        max_queue: requests that may wait while one generates; more get a 503.
+        max_queue: requests that may wait while ``max_num_seqs`` run; more get a 503.
         defaults: sampling used where a request is silent (``DEFAULT_SAMPLING``).
         host: the address the server is bound to; its Host header is answered.
         allowed_hosts: more Host names (``*.example.com`` patterns; ``"*"`` = any) beyond
@@ -70,6 +72,12 @@ def create_app(engine_or_factory: "Engine | Callable[[], Engine]", *, model_name
             server (``"*"`` = any); they also get CORS headers. Other origins get 403.
         max_body_mb: the largest request body in MiB (more is a 413).
         think: the page's "think first" switch starts on.
+        max_num_seqs: requests generated together (continuous batching: they join and leave
+            the running batch between decode steps).
+        max_num_batched_tokens: prompt tokens prefilled per step (a long prompt is prefilled in
+            chunks, so it does not stall the running streams).
+        prefix_cache_mb: memory kept for finished requests' keys, reused for the longest shared
+            prefix of a new prompt (each chat turn prefills only its new tokens); 0 = off.
     """
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -89,7 +97,9 @@ def create_app(engine_or_factory: "Engine | Callable[[], Engine]", *, model_name
     state = ServerState(factory=None if given else engine_or_factory,
                         engine=engine_or_factory if given else None, model_name=model_name,
                         api_key=api_key, max_tokens_cap=max_tokens_cap, max_queue=max_queue,
-                        defaults=base, think_default=think)
+                        defaults=base, think_default=think, max_num_seqs=max_num_seqs,
+                        max_num_batched_tokens=max_num_batched_tokens,
+                        prefix_cache_mb=prefix_cache_mb)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -174,8 +184,9 @@ def create_app(engine_or_factory: "Engine | Callable[[], Engine]", *, model_name
                 "max_tokens": state.max_tokens_cap, "default_max_tokens":
                 state.defaults.max_new_tokens, "context_window":
                 engine.config.max_position_embeddings if engine is not None else None,
-                "running": int(worker is not None and worker.running is not None),
+                "running": worker.running if worker is not None else 0,
                 "waiting": worker.waiting if worker is not None else 0,
+                "scheduler": worker.describe() if worker is not None else None,
                 # what the chat page starts with (its sliders, max tokens, think switch)
                 "defaults": {"temperature": state.defaults.temperature,
                              "top_p": state.defaults.top_p,

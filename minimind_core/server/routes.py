@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..params import SamplingParams, StreamChunk
 from ..reasoning import ReplyDelta, ReplyParser, prompt_opens_think
+from .scheduler import Scheduler
 from .schema import (
     APIError,
     ChatRequest,
@@ -40,7 +41,7 @@ from .schema import (
     parse_json_body,
     usage_body,
 )
-from .worker import SHUTDOWN, GenerationWorker, Job, QueueFull
+from .worker import SHUTDOWN, Job, QueueFull
 
 if TYPE_CHECKING:
     from fastapi import Request
@@ -59,7 +60,7 @@ def _sse(obj: Any) -> str:
 @dataclass
 class ServerState:
     """Everything the routes share: the engine (loaded at startup when given a factory),
-    the worker, and the server's settings."""
+    the scheduler (continuous batching), and the server's settings."""
 
     factory: "Callable[[], Engine] | None"
     engine: "Engine | None"
@@ -70,7 +71,10 @@ class ServerState:
     defaults: SamplingParams
     think_default: bool = False  # the page's "think first" switch starts on
     created: int = field(default_factory=lambda: int(time.time()))
-    worker: GenerationWorker | None = None
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    prefix_cache_mb: float = 512.0  # 0 = no prefix cache
+    worker: Scheduler | None = None
 
     def ready(self) -> "Engine":
         if self.engine is None:
@@ -78,9 +82,12 @@ class ServerState:
                            code="model_loading")
         return self.engine
 
-    def get_worker(self) -> GenerationWorker:
+    def get_worker(self) -> Scheduler:
         if self.worker is None:
-            self.worker = GenerationWorker(self.max_queue)
+            self.worker = Scheduler(self.ready(), max_num_seqs=self.max_num_seqs,
+                                    max_queue=self.max_queue,
+                                    max_num_batched_tokens=self.max_num_batched_tokens,
+                                    prefix_cache_mb=self.prefix_cache_mb)
         return self.worker
 
     @property
@@ -101,10 +108,10 @@ class ServerState:
                             f"{', '.join(repr(m) for m in self.model_ids())}",
                        param="model", code="model_not_found")
 
-    def submit(self, start: Callable[[], Any]) -> Job:
+    def submit(self, ids: list[int], params: SamplingParams) -> Job:
         worker = self.get_worker()
         try:
-            return worker.submit(start)
+            return worker.submit(ids, params)
         except QueueFull as e:
             if worker.closed:
                 raise _shutting_down() from e
@@ -116,8 +123,7 @@ class ServerState:
         cancelled (its stream then ends with an error event). Call from the event loop."""
         if self.worker is None:
             return
-        running = self.worker.drain()
-        if running is not None:
+        for running in self.worker.drain():
             asyncio.get_running_loop().call_later(max(grace, 0.0), self.worker.cancel,
                                                   running, SHUTDOWN)
 
@@ -262,8 +268,8 @@ async def _start_chat(state: ServerState, engine: "Engine", req: ChatRequest,
     from fastapi.concurrency import run_in_threadpool
 
     ids, in_think = await run_in_threadpool(_chat_prompt, engine, req)
-    # the ids just checked are the ones generated from (no second render in the worker)
-    job = state.submit(partial(engine.stream, ids, req.params))
+    # the ids just checked are the ones generated from (no second render in the scheduler)
+    job = state.submit(ids, req.params)
     return job, await _first_chunk(state, job, request), in_think
 
 
@@ -371,7 +377,7 @@ async def completions(state: ServerState, request: "Request"):
                        code="context_length_exceeded")
     echo = (req.prompt if isinstance(req.prompt, str) else engine.tokenizer.decode(ids)) \
         if req.echo else ""
-    job = state.submit(partial(engine.stream, ids, req.params))
+    job = state.submit(ids, req.params)
     first = await _first_chunk(state, job, request)
     rid, created = new_id("cmpl"), int(time.time())
     if req.stream:

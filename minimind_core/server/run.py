@@ -125,7 +125,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         metavar="MB", help="largest request body in MiB; more is a 413 "
                                            "(default: %(default)s)")
     server.add_argument("--max-queue", type=int, default=64,
-                        help="requests that may wait while one generates (default: 64)")
+                        help="requests that may wait while --max-num-seqs run; more get a 503 "
+                             "(default: 64)")
+    server.add_argument("--max-num-seqs", type=int, default=16, metavar="N",
+                        help="requests generated together, joining and leaving the running "
+                             "batch between decode steps (default: 16)")
+    server.add_argument("--max-num-batched-tokens", type=int, default=512, metavar="N",
+                        help="prompt tokens prefilled per step; longer prompts go in chunks so "
+                             "running streams never stall (default: 512)")
+    server.add_argument("--prefix-cache-mb", type=float, default=512.0, metavar="MB",
+                        help="memory for finished requests' keys, reused for a new prompt's "
+                             "longest shared prefix (default: 512)")
+    server.add_argument("--no-prefix-cache", action="store_true",
+                        help="turn the prefix cache off (replies are the same either way)")
     server.add_argument("--shutdown-timeout", type=_seconds,
                         default=DEFAULT_SHUTDOWN_TIMEOUT, metavar="S",
                         help="on SIGTERM/Ctrl-C: seconds until the server has exited; the "
@@ -250,7 +262,9 @@ def run(args: argparse.Namespace, load_engine: Callable[[argparse.Namespace], En
                      max_tokens_cap=args.max_tokens, max_queue=args.max_queue,
                      defaults=defaults, host=args.host,
                      allowed_hosts=_split(args.allowed_hosts), max_body_mb=args.max_body_mb,
-                     think=args.think)
+                     think=args.think, max_num_seqs=args.max_num_seqs,
+                     max_num_batched_tokens=args.max_num_batched_tokens,
+                     prefix_cache_mb=0.0 if args.no_prefix_cache else args.prefix_cache_mb)
     sock = bind_socket(args.host, args.port)  # a taken port fails here, before "Serving"
     port = sock.getsockname()[1]
     name = args.served_model_name or engine.name

@@ -14,6 +14,7 @@ among sixteen, with or without the prefix cache.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import deque
@@ -24,12 +25,13 @@ from typing import TYPE_CHECKING, Any
 from ..engine import Row, TokenLoop
 from ..outputs import RequestOutput
 from ..params import SamplingParams
-from .worker import _END, Job, QueueFull, _Failure
+from .worker import _END, CLIENT_GONE, SHUTDOWN, Job, QueueFull, _Failure
 
 if TYPE_CHECKING:
     from ..engine import Engine
 
 __all__ = ["BatchJob", "Scheduler", "SchedulerStats"]
+log = logging.getLogger("minimind_core.server")
 
 
 class BatchJob(Job):
@@ -37,7 +39,7 @@ class BatchJob(Job):
 
     def __init__(self, ids: list[int], params: SamplingParams, seed: int | None, budget: int,
                  loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(lambda: iter(()), loop)
+        super().__init__(loop)
         self.ids, self.params, self.seed, self.budget = ids, params, seed, budget
         self.row: Row | None = None
         self.output: RequestOutput | None = None
@@ -61,23 +63,31 @@ class Scheduler:
 
     Args:
         engine: the loaded model.
-        max_num_seqs: requests decoded together (the cache's slots).
+        max_num_seqs: requests decoded together.
         max_queue: requests that may wait; more get QueueFull.
         max_num_batched_tokens: prompt tokens prefilled per step (chunked prefill).
-        prefix_cache: finished rows kept as reusable prefixes (0 = off).
+        prefix_cache_mb: memory for finished rows kept as reusable prefixes (0 = off): up to
+            ``max_num_seqs`` more cache slots, as many as fit at the cache's current length.
+        prefix_cache: a fixed number of such slots instead (tests); overrides the MB figure.
         on_token: called with (job, token) for every token drawn (metrics).
     """
 
     def __init__(self, engine: Engine, *, max_num_seqs: int = 16, max_queue: int = 64,
-                 max_num_batched_tokens: int = 512, prefix_cache: int = 16,
+                 max_num_batched_tokens: int = 512, prefix_cache_mb: float = 512.0,
+                 prefix_cache: int | None = None,
                  on_token: Callable[[BatchJob, int], None] | None = None) -> None:
         for name, value, low in (("max_num_seqs", max_num_seqs, 1), ("max_queue", max_queue, 0),
                                  ("max_num_batched_tokens", max_num_batched_tokens, 1),
-                                 ("prefix_cache", prefix_cache, 0)):
+                                 ("prefix_cache", 0 if prefix_cache is None else prefix_cache, 0)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not prefix_cache_mb >= 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0, got {prefix_cache_mb!r}")
         self.engine, self.max_num_seqs, self.max_queue = engine, max_num_seqs, max_queue
-        self.chunk, self.prefix_cache = max_num_batched_tokens, prefix_cache
+        self.chunk, self.prefix_cache_mb, self.fixed_prefix = (max_num_batched_tokens,
+                                                               prefix_cache_mb, prefix_cache)
+        self.extra_slots = max_num_seqs if (prefix_cache or (prefix_cache is None
+                                                             and prefix_cache_mb > 0)) else 0
         self.on_token = on_token
         self.stats = SchedulerStats()
         self._waiting: deque[BatchJob] = deque()
@@ -117,9 +127,14 @@ class Scheduler:
             self._cond.notify()
         return job
 
-    def cancel(self, job: Job) -> None:
+    @property
+    def closed(self) -> bool:
+        """True once ``drain`` or ``close`` was called: no new requests are taken."""
+        return self._closed
+
+    def cancel(self, job: Job, reason: str = CLIENT_GONE) -> None:
         """Stop a request: dropped if waiting, its row freed at the next step if running."""
-        job.cancel()
+        job.cancel(reason)
         with self._cond:
             if job in self._waiting:
                 self._waiting.remove(job)
@@ -127,14 +142,25 @@ class Scheduler:
                 job._put(_END)
             self._cond.notify()
 
-    def close(self, timeout: float | None = 10.0) -> None:
-        """Cancel everything and stop the thread (waits up to ``timeout`` seconds)."""
+    def drain(self) -> list[Job]:
+        """Take no more requests and drop every waiting one (reason SHUTDOWN); the running ones
+        go on and are returned."""
         with self._cond:
             self._closed = True
-            jobs = [*self._waiting, *self._running]
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            running = list(self._running)
             self._cond.notify_all()
-        for job in jobs:
-            self.cancel(job)
+        for job in waiting:
+            job.cancel(SHUTDOWN)
+            job.finished.set()
+            job._put(_END)
+        return running
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Cancel everything and stop the thread (waits up to ``timeout`` seconds)."""
+        for job in self.drain():
+            self.cancel(job, SHUTDOWN)
         self._thread.join(timeout)
 
     # ---- the scheduling thread -------------------------------------------------------------
@@ -148,14 +174,29 @@ class Scheduler:
             try:
                 with self.engine.exclusive():  # one step at a time: library calls interleave
                     self._step()
-            except Exception as e:  # reported to every running request; the thread goes on
+            except Exception as e:  # reported to the requests; the thread goes on
+                log.exception("the scheduler's step failed")
                 self._fail_all(e)
 
     def _token_loop(self) -> TokenLoop:
-        if self._loop is None or (not self._loop.rows and self._loop.cache is not self.engine._cache):
-            self._loop = TokenLoop(self.engine, self.max_num_seqs, 256,
-                                   prefix_cache=self.prefix_cache, chunk=self.chunk)
-        return self._loop
+        loop = self._loop
+        if loop is None or (not loop.rows and loop.cache is not self.engine._cache):
+            loop = self._loop = TokenLoop(self.engine, self.max_num_seqs + self.extra_slots, 256,
+                                          chunk=self.chunk)
+        loop.prefix_cache = self._prefix_slots(loop)
+        return loop
+
+    def _prefix_slots(self, loop: TokenLoop) -> int:
+        """How many finished rows may stay cached: a fixed number, or what the MB budget buys
+        at the cache's current length (fewer as the cache grows)."""
+        if self.fixed_prefix is not None:
+            return min(self.fixed_prefix, loop.cache.slots)
+        if not self.extra_slots:
+            return 0
+        per_slot = loop.cache.nbytes / loop.cache.slots
+        if not per_slot:  # a cache with no storage of its own (test engines)
+            return self.extra_slots
+        return int(min(self.extra_slots, self.prefix_cache_mb * 2**20 // per_slot))
 
     def _admit(self, loop: TokenLoop) -> None:
         while True:
@@ -223,8 +264,15 @@ class Scheduler:
         job._put(_END)
 
     def _fail_all(self, error: BaseException) -> None:
+        """Every running request gets ``error`` (and the waiting ones too when none was
+        running: the step that failed was theirs, and would fail again)."""
         loop = self._loop
-        for job in list(self._running):
+        with self._cond:
+            jobs = list(self._running)
+            if not jobs:
+                jobs, self._waiting = list(self._waiting), deque()
+                self._running.extend(jobs)
+        for job in jobs:
             job._put(_Failure(error))
             if loop is not None:
                 self._finish(loop, job, final=False)
@@ -236,6 +284,8 @@ class Scheduler:
 
     def describe(self) -> dict[str, Any]:
         """Settings and counters (for /health and /metrics)."""
+        loop = self._loop
         return {"max_num_seqs": self.max_num_seqs, "max_queue": self.max_queue,
-                "max_num_batched_tokens": self.chunk, "prefix_cache": self.prefix_cache,
+                "max_num_batched_tokens": self.chunk, "prefix_cache_mb": self.prefix_cache_mb,
+                "prefix_cache_slots": loop.prefix_cache if loop else None,
                 "running": self.running, "waiting": self.waiting}
