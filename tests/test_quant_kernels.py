@@ -208,9 +208,12 @@ def test_non_finite_activations_give_nan_rows():
 def test_the_environment_forces_a_path(monkeypatch):
     monkeypatch.delenv("MINIMIND_QKERNEL", raising=False)
     assert quant.default_path() == PATHS[0] != "torch"
+    w, x = data(40, 100, 3, seed=8)
+    q, xt = quant.quantize_weight(torch.from_numpy(w), 8, 32), torch.from_numpy(x)
     for path in PATHS:
         monkeypatch.setenv("MINIMIND_QKERNEL", path)
         assert quant.default_path() == path
+        assert torch.equal(q.mm(xt), q.mm(xt, path=path))
     monkeypatch.setenv("MINIMIND_QKERNEL", "avx9000")
     with pytest.raises(ValueError, match="MINIMIND_QKERNEL='avx9000' does not run here; "
                                          "available: .*torch"):
