@@ -298,28 +298,36 @@ static void run_tiles(const job_t *j, int t0, int t1) {
             j->fn(j, t, b0, j->batch - b0 < j->max_nb ? j->batch - b0 : j->max_nb);
 }
 
-#if defined(MMQ_PTHREADS) && !defined(_OPENMP)
-typedef struct { const job_t *j; int t0, t1; } span_t;
+#if defined(_OPENMP) || defined(MMQ_PTHREADS)
+/* Tiles are handed out in small chunks as threads come for them (not split in fixed halves):
+ * on a busy machine a thread that loses its core holds up only the chunk it has. */
+static int chunk_of(const job_t *j, int threads) {
+    int c = j->tiles / (threads * 8);
+    return c < 1 ? 1 : c;
+}
+#endif
 
-static void *run_span(void *arg) {
-    const span_t *sp = arg;
-    run_tiles(sp->j, sp->t0, sp->t1);
-    return NULL;
+#if defined(MMQ_PTHREADS) && !defined(_OPENMP)
+typedef struct { const job_t *j; int *next, chunk; } share_t;
+
+static void *run_share(void *arg) {
+    const share_t *sh = arg;
+    for (;;) {
+        int t0 = __atomic_fetch_add(sh->next, sh->chunk, __ATOMIC_RELAXED);
+        if (t0 >= sh->j->tiles) return NULL;
+        run_tiles(sh->j, t0, t0 + sh->chunk < sh->j->tiles ? t0 + sh->chunk : sh->j->tiles);
+    }
 }
 
-/* Threads started per call: a fallback for compilers without OpenMP. */
+/* Threads started per call: the fallback for compilers without OpenMP. */
 static void run_threads(const job_t *j, int n) {
     pthread_t th[MAX_THREADS];
-    span_t sp[MAX_THREADS];
-    int started[MAX_THREADS];
-    for (int i = 0; i < n; i++)
-        sp[i] = (span_t){j, (int)((int64_t)j->tiles * i / n), (int)((int64_t)j->tiles * (i + 1) / n)};
-    for (int i = 1; i < n; i++) started[i] = pthread_create(&th[i], NULL, run_span, &sp[i]) == 0;
-    run_tiles(j, sp[0].t0, sp[0].t1);
-    for (int i = 1; i < n; i++) {
+    int started[MAX_THREADS], next = 0;
+    share_t sh = {j, &next, chunk_of(j, n)};
+    for (int i = 1; i < n; i++) started[i] = pthread_create(&th[i], NULL, run_share, &sh) == 0;
+    run_share(&sh);  /* if no thread could start, this one does every tile */
+    for (int i = 1; i < n; i++)
         if (started[i]) pthread_join(th[i], NULL);
-        else run_tiles(j, sp[i].t0, sp[i].t1);  /* no thread: do its share here */
-    }
 }
 #endif
 
@@ -352,27 +360,20 @@ int mmq_matmul(const float *x, int batch, int in, const uint8_t *w, const float 
     int off = bits == 8 ? 128 : 8;
     if (threads > j.tiles) threads = j.tiles;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-#ifdef _OPENMP
-    if (threads > 1) {
-#pragma omp parallel num_threads(threads)
-        {
-#pragma omp for schedule(static)
-            for (int b = 0; b < batch; b++)
-                quantize_row(x + (size_t)b * in, in, group, j.blocks, off,
-                             (int8_t *)buf + (size_t)b * j.in_pad, xd + (size_t)b * j.blocks,
-                             xc + (size_t)b * j.blocks);
-#pragma omp for schedule(static)
-            for (int t = 0; t < j.tiles; t++) run_tiles(&j, t, t + 1);
-        }
-        free(buf);
-        return 0;
-    }
-#endif
+    /* one pass over x, before the threads: cheap next to the products, and no barrier */
     for (int b = 0; b < batch; b++)
         quantize_row(x + (size_t)b * in, in, group, j.blocks, off,
                      (int8_t *)buf + (size_t)b * j.in_pad, xd + (size_t)b * j.blocks,
                      xc + (size_t)b * j.blocks);
-#if defined(MMQ_PTHREADS) && !defined(_OPENMP)
+#ifdef _OPENMP
+    if (threads > 1) {
+        int chunk = chunk_of(&j, threads);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk)
+        for (int t = 0; t < j.tiles; t++) run_tiles(&j, t, t + 1);
+        free(buf);
+        return 0;
+    }
+#elif defined(MMQ_PTHREADS)
     if (threads > 1) {
         run_threads(&j, threads);
         free(buf);
