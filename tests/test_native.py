@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 from test_lora import lora_state, save_lora  # noqa: E402
 
-from backends.torch import native  # noqa: E402
+from backends.torch import cbuild, native  # noqa: E402
 from minimind_core import load  # noqa: E402
 
 KINDS = ["minimind2", "minimind2-moe", "minimind3", "minimind3-moe"]
@@ -188,7 +188,7 @@ def test_falls_back_to_torch_without_a_compiler(env, fresh_build, monkeypatch, m
     if env.get("CC") == "false":  # a failed build is remembered: no second attempt
         assert "failed" in caplog.text and len(list(fresh_build.glob("*.failed"))) == 1
         native._lib = None
-        monkeypatch.setattr(native.subprocess, "Popen", None)  # calling it would raise
+        monkeypatch.setattr(cbuild.subprocess, "Popen", None)  # calling it would raise
         assert native.library() is None
 
 

@@ -5,9 +5,9 @@ At batch 1 a decode step of the 26M model is ~35 matrix-vector products (the mem
 costs ~5 ms more. ``NativeStep`` keeps the products in torch (MKL, threaded, written into
 preallocated buffers) and does everything between two products in one C call.
 
-``kernels.c`` is compiled once per machine with the system C compiler (``$CC`` or ``cc``) into
-``native/`` of minimind-core's cache (``$MINIMIND_CACHE``, default ``~/.cache/minimind-core``;
-~0.4 s, no torch headers). Without a working compiler or cache folder, with
+``kernels.c`` is compiled once per machine (cbuild.py) with the system C compiler (``$CC`` or
+``cc``) into ``native/`` of minimind-core's cache (``$MINIMIND_CACHE``, default
+``~/.cache/minimind-core``; ~0.4 s, no torch headers). Without a working compiler or cache folder, with
 ``MINIMIND_NATIVE=0`` or ``load(..., decode="eager")``, the engine keeps its plain torch decode
 step: same numbers, slower.
 """
@@ -15,24 +15,14 @@ step: same numbers, slower.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shlex
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from minimind_core import paths
-
+from . import cbuild
 from .cache import KVCache
 from .model import MLP, MiniMindForCausalLM
 
@@ -40,7 +30,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.c")
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
 _lock = threading.Lock()
-COMPILE_TIMEOUT = 60  # seconds; the file compiles in under one
+COMPILE_TIMEOUT = cbuild.COMPILE_TIMEOUT  # seconds; the file compiles in under one
 MAX_HEAD_DIM = 1024  # kernels.c's MAX_HEAD_DIM: its per-head scratch arrays (attend refuses more)
 
 _p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
@@ -61,64 +51,18 @@ def library() -> ctypes.CDLL | None:
 
 
 def _build() -> ctypes.CDLL | None:
-    if os.environ.get("MINIMIND_NATIVE", "1").lower() in ("0", "false", "no", "off"):
+    lib = cbuild.build(SOURCE, [()], purpose="CPU decode uses plain torch ops",
+                       timeout=COMPILE_TIMEOUT)
+    if lib is None:
         return None
-    cc = shlex.split(os.environ.get("CC") or "cc")
-    if not cc or shutil.which(cc[0]) is None:
-        log.info("no C compiler (%s): CPU decode uses plain torch ops", " ".join(cc))
-        return None
-    source = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-    tool = hashlib.sha256(f"{cc}|{platform.machine()}|{sys.platform}".encode()).hexdigest()[:8]
     try:
-        target = paths.cache_root() / "native" / f"kernels-{source}-{tool}.so"
-        failed = target.with_suffix(".failed")
-        if failed.exists():
-            log.info("CPU decode uses plain torch ops: building the kernels failed before (%s; "
-                     "delete it to try again)", failed)
-            return None
-        if not target.exists() and not _compile(cc, target, source):
-            return None
-        lib = ctypes.CDLL(str(target))
         for name, args in SIGNATURES.items():
             getattr(lib, name).argtypes = args
-    except (OSError, RuntimeError, AttributeError) as e:  # no home, unwritable cache, bad .so
+    except AttributeError as e:  # a .so without our functions
         log.warning("native CPU kernels unavailable (%s); CPU decode uses plain torch ops", e)
         return None
     lib.attend.restype = _i
     return lib
-
-
-def _compile(cc: list[str], target: Path, source: str) -> bool:
-    """cc kernels.c -> target, atomically; a failure leaves ``<target>.failed`` with the reason,
-    so later processes do not wait for a broken compiler again."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    cmd = [*cc, "-O3", "-fPIC", "-shared", "-o", tmp, str(SOURCE), "-lm"]
-    try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=hasattr(os, "killpg"))
-        try:
-            output, timed_out = proc.communicate(timeout=COMPILE_TIMEOUT)[0], False
-        except subprocess.TimeoutExpired:
-            if hasattr(os, "killpg"):  # the compiler's own children too
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.kill()
-            proc.communicate()
-            output, timed_out = f"no result after {COMPILE_TIMEOUT} s", True
-        if proc.returncode != 0 or timed_out:
-            target.with_suffix(".failed").write_text(f"{shlex.join(cmd)}\n{output}")
-            log.warning("compiling %s failed, CPU decode uses plain torch ops:\n%s",
-                        SOURCE.name, output.strip())
-            return False
-        os.replace(tmp, target)  # concurrent builds never see half a file
-        for old in target.parent.glob("kernels-*"):  # builds of earlier sources
-            if not old.name.startswith(f"kernels-{source}-"):
-                old.unlink(missing_ok=True)
-        return True
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def supported(model: MiniMindForCausalLM, device: torch.device, dtype: torch.dtype) -> bool:
