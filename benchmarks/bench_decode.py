@@ -4,7 +4,8 @@
     python benchmarks/bench_decode.py --upstream ~/minimind --upstream-v2 ~/minimind-c090b69
 
 Rows: ours (decode=auto: the native step here), decode=eager, decode=native, decode=compiled
-(torch.compile on CPU; its compile time is excluded by a warm-up), transformers' generate,
+(torch.compile on CPU; its compile time is excluded by a warm-up), int8 and int4 (quantize=8|4,
+group 32: the native step with the int8/int4 kernels), transformers' generate,
 upstream MiniMind's own model.generate (when a checkout is given: nothing of it ships here), and
 the matrix-vector floor. Decode tok/s are aggregate over the batch; each row runs in its own
 process with the same random weights and the same thread count. A benchmark, not a test: compare
@@ -18,8 +19,8 @@ import sys
 
 import harness
 
-IMPLS = ["ours", "decode=eager", "decode=native", "decode=compiled", "transformers", "upstream",
-         "matvec-floor"]
+IMPLS = ["ours", "decode=eager", "decode=native", "decode=compiled", "int8", "int4",
+         "transformers", "upstream", "matvec-floor"]
 
 
 def main() -> None:

@@ -109,9 +109,12 @@ def bench_ours(shape: str, a: argparse.Namespace) -> dict:
     config = config_for(shape)
     path = write_weights(shape)
     t0 = time.perf_counter()
-    decode = a.impl.partition("=")[2] or "auto"  # "ours" is decode=auto
+    key, _, value = a.impl.partition("=")  # "ours", "decode=eager", "int8", "int4"
+    decode = value if key == "decode" else "auto"
+    bits = {"int8": 8, "int4": 4}.get(a.impl)
     engine = load(path, backend="torch", device=a.device, dtype=a.dtype,
-                  tokenizer=tokenizer_dir(), decode=decode, threads=a.threads)
+                  tokenizer=tokenizer_dir(), decode=decode, threads=a.threads, quantize=bits,
+                  q_group_size=32 if bits else None)
     first = engine.iter_tokens([[1, 2, 3, 4]], max_new_tokens=2)
     next(first)
     out = {"load_to_first_token_s": time.perf_counter() - t0}

@@ -147,8 +147,11 @@ def test_quantize_kwargs(monkeypatch):
     monkeypatch.setattr(common, "apple_silicon", lambda: False)
     assert common.quantize_kwargs(parse(), "mlx", is_demo=False) == {}  # Linux: full precision
     assert common.quantize_kwargs(parse("--q-bits", "0"), "torch", is_demo=False) == {}
-    with pytest.raises(ValueError, match="mlx backend"):
-        common.quantize_kwargs(parse("--q-bits", "4"), "torch", is_demo=False)
+    assert common.quantize_kwargs(parse("--q-bits", "4", "--q-group-size", "32"), "torch",
+                                  is_demo=False) == {"quantize": 4, "q_group_size": 32}
+    assert common.quantize_kwargs(parse(), "torch", is_demo=False) == {}  # torch: never by default
+    with pytest.raises(ValueError, match="needs --q-bits"):
+        common.quantize_kwargs(parse("--q-group-size", "32"), "torch", is_demo=False)
 
 
 # ---- terminal rendering ------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from . import native as native_lib
 from .cache import KVCache
 from .lora import set_lora
 from .model import MiniMindForCausalLM
+from .quantized import check_quantization, quantize_model
 from .sampling import sample as device_sample
 from .steps import DECODE_CHOICES, CompiledStep, EagerStep
 
@@ -91,32 +92,35 @@ class TorchEngine(Engine):
              **overrides: Any) -> TorchEngine:
         """Read a checkpoint (any supported form), find its tokenizer and build the engine.
 
-        ``decode``: "auto", "eager", "native" or "compiled" (see the class). The old switches
+        ``decode``: "auto", "eager", "native" or "compiled" (see the class). ``quantize``: 8 or
+        4 bits, weight-only, per group of ``q_group_size`` (32/64/128, default 64) inputs: every
+        linear and the embedding (``quantized.py``); on CPU float32 the native step multiplies
+        with int8/int4 kernels, elsewhere the dequantized weights run. The old switches
         ``native=``, ``compile=``, ``cuda_graphs=`` and ``static=`` still work, with a
         DeprecationWarning.
         """
         decode = _decode_from_deprecated(decode, {k: overrides.pop(k) for k in list(overrides)
                                                   if k in DEPRECATED})
-        if quantize or q_group_size:
-            raise ValueError(f"quantize={quantize} is for the MLX backend (backend='mlx'); the "
-                             "torch backend runs float32/float16/bfloat16 (dtype=...)")
+        quant = check_quantization(quantize, q_group_size)
         ckpt = load_checkpoint(path, **overrides)
         tok = find_tokenizer(ckpt.path, tokenizer)
         engine = cls.from_checkpoint(ckpt, tok, device=device, dtype=dtype, decode=decode,
-                                     threads=threads)
+                                     threads=threads, quantize=quant)
         if lora is not None:
             engine.set_lora(lora, merge=merge_lora)
         return engine
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, tokenizer: Tokenizer, *, device=None,
-                        dtype=None, decode: str = "auto", threads: int | None = None) -> TorchEngine:
+                        dtype=None, decode: str = "auto", threads: int | None = None,
+                        quantize: tuple[int, int] | None = None) -> TorchEngine:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         if dev.type == "cpu":
             torch.set_num_threads(cpu_threads(ckpt.config.num_parameters(), threads))
         model = build_model(ckpt, dev, dt)
-        info = {"path": str(ckpt.path), "file_dtype": ckpt.file_dtype, "device": str(dev),
+        quantization = quantize_model(model, *quantize) if quantize else None
+        info = {"quantization": quantization, "path": str(ckpt.path), "file_dtype": ckpt.file_dtype, "device": str(dev),
                 "threads": torch.get_num_threads() if dev.type == "cpu" else None,
                 "dtype": str(dt).removeprefix("torch."), "tokenizer": str(tokenizer.path)}
         return cls(model, tokenizer, name=Path(ckpt.path).stem, info=info, decode=decode)

@@ -72,6 +72,19 @@ def supported(model: MiniMindForCausalLM, device: torch.device, dtype: torch.dty
     return not any(layer.self_attn.lora for layer in model.model.layers)
 
 
+def _mm(weight: torch.Tensor, quant=None):
+    """``f(x, out)``: out = x @ weight^T into the preallocated ``out`` — torch's matmul (MKL)
+    for a float weight, the int8/int4 kernels (``quant.QuantWeight``) for a quantized one."""
+    if quant is not None:
+        return quant.mm
+    wt = weight.t()
+
+    def mm(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.mm(x, wt, out=out)
+
+    return mm
+
+
 def _ptr(t: torch.Tensor) -> int:
     if not t.is_contiguous():
         raise ValueError("native decode needs contiguous tensors")
@@ -82,8 +95,9 @@ class NativeStep:
     """The decode step for one cache: ``step(slots, positions, tokens)`` -> logits [rows, vocab].
 
     Buffers hold up to every slot of the cache (a step uses their first ``rows`` rows) and the
-    weights' layout is prepared once here, so a step is the embedding lookup, four
-    ``torch.mm(out=)`` and four C calls per layer, and the head.
+    weights' layout is prepared once here, so a step is the embedding lookup, four matrix
+    products into fixed buffers (torch's, or the int8/int4 kernels of a quantized model) and four
+    C calls per layer, and the head.
     """
 
     name = "native"
@@ -114,16 +128,19 @@ class NativeStep:
             attn, mlp = layer.self_attn, layer.mlp
             qk_w = attn.qk_norm_weight.contiguous() if attn.qk_norm else None
             dense = isinstance(mlp, MLP) and mlp.w13 is not None
-            self.layers.append((attn.wqkv.t(), (_ptr(cache.k[i]), _ptr(cache.v[i])),
-                                attn.o_proj.weight.t(),
+            aq, mq = getattr(attn, "quant", {}), getattr(mlp, "quant", {})
+            self.layers.append((_mm(attn.wqkv, aq.get("wqkv")),
+                                (_ptr(cache.k[i]), _ptr(cache.v[i])),
+                                _mm(attn.o_proj.weight, aq.get("o_proj")),
                                 layer.post_attention_layernorm.weight.data_ptr(),
-                                mlp.w13.t() if dense else None,
-                                mlp.down_proj.weight.t() if dense else mlp,
+                                _mm(mlp.w13, mq.get("w13")) if dense else None,
+                                _mm(mlp.down_proj.weight, mq.get("down_proj")) if dense else mlp,
                                 qk_w))  # qk_w kept alive: attend holds its pointer
         norms = [layer.input_layernorm.weight for layer in model.model.layers]
         self.norms = [w.data_ptr() for w in norms[1:]] + [model.model.norm.weight.data_ptr()]
         self.first_norm = norms[0].data_ptr()
-        self.embed, self.head = model.model.embed_tokens.weight, model.lm_head.weight.t()
+        self.embed = model.model.embed_tokens.weight
+        self.head = _mm(model.lm_head.weight, getattr(model, "quant", {}).get("embed"))
 
     def __call__(self, slots: np.ndarray, positions: np.ndarray, tokens: np.ndarray
                  ) -> torch.Tensor:
@@ -144,7 +161,7 @@ class NativeStep:
         lib.add_rms_norm(xp, None, xnp, self.first_norm, b, n, eps)
         for (wqkv, (kc, vc), wo, post_norm, w13, down, qk_w), next_norm in zip(self.layers,
                                                                             self.norms):
-            torch.mm(xn, wqkv, out=qkv)
+            wqkv(xn, qkv)
             if lib.attend(qkv.data_ptr(), att.data_ptr(), kc, vc, self.cos.data_ptr(),
                           self.sin.data_ptr(), qk_w.data_ptr() if qk_w is not None else None,
                           eps, self.slots.data_ptr(), self.positions.data_ptr(), b, h, kv, d,
@@ -152,15 +169,15 @@ class NativeStep:
                           self.scores.data_ptr()):
                 raise ValueError("native attention refused its arguments (a slot or position "
                                  "outside the cache or the RoPE table, or the head size)")
-            torch.mm(att, wo, out=delta)
+            wo(att, delta)
             lib.add_rms_norm(xp, dp, xnp, post_norm, b, n, eps)
             if w13 is not None:
-                torch.mm(xn, w13, out=h13)
+                w13(xn, h13)
                 lib.silu_mul(act.data_ptr(), h13.data_ptr(), b, act.shape[1])
-                torch.mm(act, down, out=delta)
+                down(act, delta)
             else:  # MoE: routing and experts stay in torch
                 delta.copy_(down(xn[:, None]).view(b, n))
             lib.add_rms_norm(xp, dp, xnp, next_norm, b, n, eps)
         logits = self.logits[:b]
-        torch.mm(xn, self.head, out=logits)
+        self.head(xn, logits)
         return logits.clone()  # the buffer is rewritten by the next step

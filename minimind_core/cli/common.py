@@ -191,10 +191,11 @@ def add_model_args(parser: argparse.ArgumentParser, *, runtime: bool = True,
         add(g, "--merge-lora", action="store_true", default=None,
             help="fold the LoRA into the weights (faster; no hot swap)")
         add(g, "--q-bits", type=int, default=None, metavar="BITS",
-            help="MLX only: quantize to 4 or 8 bits at load (default on Apple silicon: 4 for "
-                 "your models, full precision for the demo; 0 = full precision)")
+            help="quantize the weights to 8 or 4 bits at load (torch: int8/int4 CPU decode "
+                 "kernels; MLX default on Apple silicon: 4 for your models, full precision for "
+                 "the demo; 0 = full precision)")
         add(g, "--q-group-size", type=int, default=None, metavar="N",
-            help="MLX only: quantization group size (default 64)")
+            help="quantization group size: 32, 64 or 128 (default 64)")
 
     u = parser.add_argument_group(
         "upstream eval_llm.py flags (same meaning: --save_dir out --weight full_sft "
@@ -304,13 +305,13 @@ def resolve_backend(name: str) -> str:
 
 
 def quantize_kwargs(args: argparse.Namespace, backend: str, is_demo: bool) -> dict[str, Any]:
-    """``quantize=`` / ``q_group_size=`` for the mlx backend; an error for --q-bits elsewhere."""
+    """``quantize=`` / ``q_group_size=`` from --q-bits / --q-group-size (both backends; on MLX
+    the default on Apple silicon is 4 bits for your models)."""
     bits = getattr(args, "q_bits", None)
     group = getattr(args, "q_group_size", None)
-    if backend != "mlx":
-        if bits or group:
-            raise ValueError(f"--q-bits/--q-group-size are for the mlx backend, not {backend}; "
-                             "drop them or pass --backend mlx")
+    if backend != "mlx" and bits is None:
+        if group:
+            raise ValueError("--q-group-size needs --q-bits 8 or 4")
         return {}
     if bits is None:
         # As the MLX script users run today does; the tiny demo gains nothing from it.
