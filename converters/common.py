@@ -69,6 +69,32 @@ def atomic_dir(dst: str | Path, force: bool = False) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_file(dst: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path beside ``dst``; on success it replaces ``dst`` in one rename.
+
+    The file counterpart of ``atomic_dir``: an existing ``dst`` needs ``force=True``
+    (FileExistsError otherwise, before anything is written), a folder at ``dst`` is refused, and
+    on any error or Ctrl-C the temporary file is removed and ``dst`` is left as it was.
+    """
+    dst = Path(dst).expanduser()
+    if dst.is_dir():
+        raise ValueError(f"{dst} is a folder; pass the path of the file to write")
+    if (dst.exists() or dst.is_symlink()) and not force:
+        raise FileExistsError(f"{dst} exists; pass force=True (CLI: --force) to replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{dst.name}.tmp-", dir=dst.parent)
+    os.close(fd)
+    tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; the result is for everyone
+    try:
+        yield tmp
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def copy_tokenizer(tokenizer: Any, dst: str | Path) -> list[str]:
     """Copy the tokenizer files (and chat templates) of a Tokenizer or a tokenizer folder to ``dst``.
 
