@@ -3,7 +3,8 @@
 Both generations use a byte-level BPE whose pre-tokenizer is GPT-2's regex. llama.cpp picks its
 pre-tokenizer by a hash of known tokenizers, and MiniMind's is not among them, so the GGUF names
 ``gpt-2`` explicitly (``default``, ``qwen2`` and ``llama-bpe`` split digits and punctuation
-differently). Special added tokens are CONTROL (parsed only as special text, dropped from
+differently). A tokenizer that splits with Qwen2's regex first (our embedded demo model's) gets
+``qwen2``; any other pre-tokenizer is refused rather than tokenized differently. Special added tokens are CONTROL (parsed only as special text, dropped from
 replies); other added tokens (MiniMind-3's ``<think>``, ``<tool_call>`` …) are USER_DEFINED, or
 llama.cpp's decoder would make them vanish from replies. bos/eos/eot/pad/unk ids are written
 explicitly (llama.cpp's gpt2 defaults point at a wrong token), and no BOS/EOS is ever added.
@@ -22,7 +23,12 @@ import gguf
 from minimind_core.tokenizer import Tokenizer
 
 TOKENIZER_MODEL = "gpt2"
-PRE_TOKENIZER = "gpt-2"
+PRE_TOKENIZER = "gpt-2"  # tokenizer.json: ByteLevel(add_prefix_space=False, use_regex=True)
+# llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2 regex; tokenizer.json: Split(this, Isolated) + ByteLevel
+# without its own regex
+QWEN2_PRE_TOKENIZER = "qwen2"
+QWEN2_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+"
+               "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
 END_OF_TURN = "<|im_end|>"  # ChatML's end of turn, both generations
 
 
@@ -39,10 +45,11 @@ class GGUFVocab:
     pad_id: int | None
     unk_id: int | None
     chat_template: str | None
+    pre_tokenizer: str = PRE_TOKENIZER
 
     def write(self, writer: gguf.GGUFWriter) -> None:
         writer.add_tokenizer_model(TOKENIZER_MODEL)
-        writer.add_tokenizer_pre(PRE_TOKENIZER)
+        writer.add_tokenizer_pre(self.pre_tokenizer)
         writer.add_token_list(self.tokens)
         writer.add_token_types(self.token_types)
         writer.add_token_merges(self.merges)
@@ -68,7 +75,7 @@ def build_vocab(tok: Tokenizer, vocab_size: int) -> GGUFVocab:
     """
     data = json.loads((tok.path / "tokenizer.json").read_text(encoding="utf-8"))
     model = data.get("model") or {}
-    _check_byte_level(tok, data)
+    pre = pre_tokenizer(tok, data)
     n = tok.vocab_size
     if n > vocab_size:
         raise ValueError(f"the tokenizer in {tok.path} has {n} tokens but the model only "
@@ -109,17 +116,30 @@ def build_vocab(tok: Tokenizer, vocab_size: int) -> GGUFVocab:
                      bos_id=bos, eos_id=eos, eot_id=eos if eot is None else eot,
                      pad_id=tok.pad_token_id,
                      unk_id=tok.token_to_id(unk) if unk is not None else None,
-                     chat_template=tok.chat_template)
+                     chat_template=tok.chat_template, pre_tokenizer=pre)
 
 
-def _check_byte_level(tok: Tokenizer, data: dict) -> None:
-    """Refuse what llama.cpp's gpt2 BPE with the gpt-2 pre-tokenizer would tokenize differently."""
+def pre_tokenizer(tok: Tokenizer, data: dict) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer; ValueError for one it does not have."""
     model = data.get("model") or {}
-    pre = data.get("pre_tokenizer") or {}
     if model.get("type") != "BPE" or data.get("normalizer") is not None:
         raise ValueError(f"{tok.path}: only a byte-level BPE without a normalizer (MiniMind's) "
                          f"maps onto llama.cpp's gpt2 tokenizer; this one is "
                          f"{model.get('type')!r} with normalizer {data.get('normalizer')!r}")
-    if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) or pre.get("add_prefix_space"):
-        raise ValueError(f"{tok.path}: the pre-tokenizer is {pre!r}; llama.cpp's gpt-2 "
-                         f"pre-tokenizer equals only ByteLevel(add_prefix_space=False, use_regex=True)")
+    pre = data.get("pre_tokenizer") or {}
+    if _byte_level(pre, use_regex=True):
+        return PRE_TOKENIZER
+    steps = pre.get("pretokenizers") or []
+    if (pre.get("type") == "Sequence" and len(steps) == 2 and steps[0].get("type") == "Split"
+            and (steps[0].get("pattern") or {}).get("Regex") == QWEN2_REGEX
+            and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")
+            and _byte_level(steps[1], use_regex=False)):
+        return QWEN2_PRE_TOKENIZER
+    raise ValueError(f"{tok.path}: the pre-tokenizer is {pre!r}; llama.cpp's gpt-2 pre-tokenizer "
+                     f"equals only ByteLevel(add_prefix_space=False, use_regex=True) (MiniMind's), "
+                     f"its qwen2 one only Qwen2's regex split then ByteLevel")
+
+
+def _byte_level(step: dict, use_regex: bool) -> bool:
+    return (step.get("type") == "ByteLevel" and bool(step.get("use_regex", True)) == use_regex
+            and not step.get("add_prefix_space"))

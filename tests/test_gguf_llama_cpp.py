@@ -228,3 +228,17 @@ def test_yarn_keys_match_our_engine(tmp_path):
     plain = load(path, backend="torch").logits(PROMPT)
     assert np.abs(ours - plain).max() > 1e-2  # YaRN changes these logits
     assert np.abs(_llama_logits(_llama(out), PROMPT) - ours).max() <= 2e-4
+
+
+def test_the_embedded_demo_model(tmp_path):
+    from minimind_core.demo import demo_model_path
+
+    demo = demo_model_path()  # its tokenizer splits with Qwen2's regex: pre-tokenizer qwen2
+    out = to_gguf.convert(demo, tmp_path / "demo.gguf", progress=False)
+    llm = _llama(out)
+    assert llm.metadata["tokenizer.ggml.pre"] == "qwen2"
+    engine = load(demo, backend="torch")
+    for text in HARD_STRINGS:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == engine.tokenizer.encode(text), text
+    ids = engine.chat_ids([{"role": "user", "content": "你好"}])
+    assert np.abs(_llama_logits(llm, ids) - engine.logits(ids)).max() <= 2e-4

@@ -190,6 +190,22 @@ def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path):
     assert not (tmp_path / "m.gguf").exists()
 
 
+def test_pre_tokenizers_llama_cpp_has_and_one_it_has_not(make_checkpoint, tmp_path):
+    from minimind_core.demo import demo_model_path
+
+    meta = _fields(gguf.GGUFReader(to_gguf.convert(demo_model_path(), tmp_path / "demo.gguf",
+                                                   progress=False)))
+    assert meta["tokenizer.ggml.pre"] == "qwen2"  # Qwen2's regex split, then ByteLevel
+    path, config, _ = make_checkpoint("minimind2")
+    tok_json = path.parents[1] / "model" / "tokenizer.json"
+    data = json.loads(tok_json.read_text())
+    data["pre_tokenizer"]["add_prefix_space"] = True  # llama.cpp's gpt-2 never adds one
+    tok_json.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="the pre-tokenizer is"):
+        _export(path, config, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
 @pytest.mark.parametrize("outtype, matrix", [("f16", "F16"), ("bf16", "BF16"), ("q8_0", "Q8_0")])
 def test_outtypes_keep_norms_and_router_f32(make_checkpoint, tmp_path, outtype, matrix):
     path, config, weights = make_checkpoint("minimind3-moe")
