@@ -5,7 +5,8 @@ For each released shape (random weights of the real size): the checkpoint is exp
 runs both with the same thread count as our TorchEngine (fp32), batch 1. Printed as markdown:
 
 - decode tok/s: ours fp32, llama.cpp f32, llama.cpp q8_0 (median of ``--repeats``; tokens after
-  the first, fed one by one, greedy);
+  the first, fed one by one, greedy), each in its own process (two OpenMP runtimes spinning in
+  one process would slow both);
 - parity of the f32 export: max |logit difference| over every position of a 64-token prompt
   (f32 KV cache, flash attention off), and whether the 24 greedy tokens agree;
 - q8_0: cosine of its logits to ours, and the file sizes.
@@ -19,8 +20,11 @@ reports AMX but raises SIGILL on its tile instructions, which ggml's AMX buffer 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -102,6 +106,31 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
+def worker(a: argparse.Namespace) -> None:
+    """One timing in this process: prints {"tok_s": ...} as JSON."""
+    rng = np.random.default_rng(1)
+    config = harness.config_for(a.shape)
+    prompt = rng.integers(3, config.vocab_size, a.prompt_tokens).tolist()
+    if a.worker == "ours":
+        from minimind_core import load
+
+        engine = load(a.path, backend="torch", device="cpu", dtype="float32",
+                      tokenizer=harness.tokenizer_dir(), threads=a.threads,
+                      num_attention_heads=config.num_attention_heads)
+        rate = ours_decode_rate(engine, prompt, a.new_tokens, a.repeats)
+    else:
+        rate = llama_decode_rate(llama(Path(a.path), a.threads), prompt, a.new_tokens, a.repeats)
+    print(json.dumps({"tok_s": rate}))
+
+
+def timed(kind: str, shape: str, path: Path, a: argparse.Namespace) -> float:
+    cmd = [sys.executable, __file__, "--worker", kind, "--path", str(path), "--shape", shape,
+           "--threads", str(a.threads), "--prompt-tokens", str(a.prompt_tokens),
+           "--new-tokens", str(a.new_tokens), "--repeats", str(a.repeats)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["tok_s"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=list(harness.SHAPES), choices=list(harness.SHAPES))
@@ -109,7 +138,12 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--worker", choices=("ours", "llama"), help=argparse.SUPPRESS)
+    p.add_argument("--path", help=argparse.SUPPRESS)
+    p.add_argument("--shape", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.worker:
+        return worker(a)
     import llama_cpp
     import torch
 
@@ -117,37 +151,34 @@ def main() -> None:
     from minimind_core import load
 
     tok = harness.tokenizer_dir()
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(2)
     rows = []
     for shape in a.shapes:
         config = harness.config_for(shape)
         src = harness.write_weights(shape)
         folder = Path(tempfile.mkdtemp())
-        f32 = convert(src, folder / "f32.gguf", tokenizer=tok, progress=False,
-                      overrides={"num_attention_heads": config.num_attention_heads})
+        heads = {"num_attention_heads": config.num_attention_heads}
+        f32 = convert(src, folder / "f32.gguf", tokenizer=tok, progress=False, overrides=heads)
         q8 = convert(src, folder / "q8_0.gguf", outtype="q8_0", tokenizer=tok, progress=False,
-                     overrides={"num_attention_heads": config.num_attention_heads})
+                     overrides=heads)
+        rate_ours = timed("ours", shape, src, a)
+        rate32, rate8 = timed("llama", shape, f32, a), timed("llama", shape, q8, a)
+
         engine = load(src, backend="torch", device="cpu", dtype="float32", tokenizer=tok,
-                      threads=a.threads, num_attention_heads=config.num_attention_heads)
+                      threads=a.threads, **heads)
         ids = rng.integers(3, config.vocab_size, PARITY_PROMPT).tolist()
         ours = engine.logits(ids)
         ours_greedy = [int(r[0]) for r in engine.iter_tokens([ids], max_new_tokens=GREEDY)]
         llm32 = llama(f32, a.threads, logits_all=True)
         diff = float(np.abs(llama_logits(llm32, ids) - ours).max())
         same = llama_greedy(llm32, ids, GREEDY) == ours_greedy
-        llm8 = llama(q8, a.threads, logits_all=True)
-        cos8 = cosine(llama_logits(llm8, ids), ours)
-
-        prompt = rng.integers(3, config.vocab_size, a.prompt_tokens).tolist()
-        rate_ours = ours_decode_rate(engine, prompt, a.new_tokens, a.repeats)
-        rate32 = llama_decode_rate(llama(f32, a.threads), prompt, a.new_tokens, a.repeats)
-        rate8 = llama_decode_rate(llama(q8, a.threads), prompt, a.new_tokens, a.repeats)
+        cos8 = cosine(llama_logits(llama(q8, a.threads, logits_all=True), ids), ours)
         rows.append(f"| {shape} | {config.kind} | {rate_ours:.1f} | {rate32:.1f} | {rate8:.1f} | "
                     f"{rate_ours / rate32:.2f}x | {diff:.1e} | {'same' if same else 'DIFFERENT'} | "
                     f"{cos8:.5f} | {f32.stat().st_size / 1e6:.0f} / {q8.stat().st_size / 1e6:.0f} |")
         for f in (f32, q8, f32.with_suffix(".Modelfile"), q8.with_suffix(".Modelfile"), src):
             f.unlink(missing_ok=True)
-        del engine, llm32, llm8
+        del engine, llm32
 
     print(f"llama.cpp vs ours — {platform.machine()}, {a.threads} threads for both, batch 1, "
           f"prompt {a.prompt_tokens} tokens, {a.new_tokens} new tokens, median of {a.repeats}; "
