@@ -126,7 +126,7 @@ def convert(src: str | Path, dst: str | Path, *, outtype: str | None = None,
             writer.write_tensors_to_file()
         finally:
             writer.close()
-        stops = [t for t in (gguf_vocab.END_OF_TURN, "<|endoftext|>") if tok.token_to_id(t) is not None]
+        stops = [tok.id_to_token(i) for i in sorted(tok.stop_token_ids)]  # eos, <|im_end|>, …
         tmp_side.write_text(ollama.modelfile(dst.name, config, stops), encoding="utf-8")
     if fallbacks:
         say(f"{fallbacks} matrices whose rows are not a multiple of 32 were written as f16")

@@ -271,6 +271,30 @@ def test_provenance(make_checkpoint, tmp_path):
     assert meta["minimind.converter"].startswith("minimind-core ")
 
 
+@pytest.mark.parametrize("kind", ["minimind2-moe", "minimind3-moe"])
+def test_every_source_form_gives_the_same_file(make_checkpoint, tmp_path, kind):
+    """.pth, our transformers folder and our MLX folder (MiniMind2-MoE: stock bailing_moe) all
+    read through checkpoint.py into identical GGUF tensors."""
+    from converters import to_hf
+
+    path, config, _ = make_checkpoint(kind)
+    sources = {"pth": path, "hf": to_hf.convert(path, tmp_path / "hf", overrides=_heads(config),
+                                                progress=False)}
+    if kind == "minimind2-moe":
+        pytest.importorskip("mlx.core")
+        from converters import to_mlx
+
+        sources["mlx"] = to_mlx.convert(path, tmp_path / "mlx", dtype="float32",
+                                        overrides=_heads(config), progress=False)
+    tensors = {}
+    for name, src in sources.items():
+        reader = gguf.GGUFReader(_export(src, config, tmp_path / f"{name}.gguf"))
+        tensors[name] = {t.name: np.array(t.data) for t in reader.tensors}
+    for name in sources:
+        assert tensors[name].keys() == tensors["pth"].keys()
+        assert all(np.array_equal(tensors[name][k], v) for k, v in tensors["pth"].items()), name
+
+
 # --- the Modelfile ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["minimind2", "minimind3"])
