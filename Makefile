@@ -16,7 +16,7 @@ ifneq ($(HAS_CUDA),1)
 	$(BIN)/pip install -q torch==2.13.0
 endif
 endif
-	$(BIN)/pip install -q -e ".[torch,mlx,serve,dev]"
+	$(BIN)/pip install -q -e ".[torch,mlx,serve,dev,gguf]"
 
 test:
 	$(BIN)/ruff check .

@@ -3,7 +3,9 @@
 - TorchEngine vs transformers (LlamaForCausalLM / GraniteMoeSharedForCausalLM / Qwen3ForCausalLM
   / Qwen3MoeForCausalLM loaded from our to_hf export): max |logit difference| over a 64-token
   prompt and the 24 greedy tokens;
-- MlxEngine vs TorchEngine on the same file (when mlx is installed);
+- MlxEngine vs TorchEngine on the same file, and stock mlx_lm (its own model class for the
+  model_type our to_mlx writes: llama, bailing_moe, qwen3, qwen3_moe) vs TorchEngine (when mlx
+  is installed);
 - a random upstream-style LoRA (q_proj and o_proj, rank 8 for MiniMind2 / 16 for MiniMind-3):
   unmerged vs merged on torch, torch vs MLX unmerged, and set_lora(None) back to the base.
 
@@ -29,6 +31,24 @@ def greedy(engine, ids: list[int]) -> list[int]:
     tokens = [int(next(steps)[0]) for _ in range(N_TOKENS)]
     steps.close()
     return tokens
+
+
+def stock_mlx_cell(path, tok, ids: list[int], logits: np.ndarray, tokens: list[int]) -> str:
+    """Stock mlx_lm on our to_mlx export (fp32): max |Δlogit| vs TorchEngine / greedy tokens."""
+    import mlx.core as mx
+    import mlx_lm
+    from mlx_lm.generate import generate_step
+
+    from converters.to_mlx import convert as to_mlx
+
+    folder = to_mlx(path, Path(tempfile.mkdtemp()) / "mlx", dtype="float32", tokenizer=tok,
+                    progress=False)
+    model, _ = mlx_lm.load(str(folder))
+    d = np.abs(np.array(model(mx.array([ids]))[0]) - logits).max()
+    steps = generate_step(mx.array(ids), model, max_tokens=N_TOKENS,
+                          sampler=lambda x: mx.argmax(x, -1))
+    same = [int(t) for t, _ in steps] == tokens
+    return f"{d:.1e} / {'same' if same else 'DIFFERENT'} ({model.model_type})"
 
 
 def random_lora(config, seed: int = 0):
@@ -100,16 +120,18 @@ def main() -> None:
             mlx = load(path, backend="mlx", device="cpu", dtype="float32", tokenizer=tok)
             d = np.abs(mlx.logits(ids) - logits).max()
             row["mlx"] = f"{d:.1e} / {'same' if greedy(mlx, ids) == tokens else 'DIFFERENT'}"
+            row["stock_mlx"] = stock_mlx_cell(path, tok, ids, logits, tokens)
         else:
-            row["mlx"] = "mlx not installed"
+            row["mlx"] = row["stock_mlx"] = "mlx not installed"
         rows.append(row)
         print(f"  measured {shape}", flush=True)
     print(f"\nfp32 parity, 64-token prompt, {N_TOKENS} greedy tokens (max |Δlogit| / tokens)\n")
-    print("| shape | kind | TorchEngine vs transformers | MlxEngine vs TorchEngine | LoRA: unmerged "
-          "vs merged | LoRA: MLX vs torch | LoRA removed → base |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shape | kind | TorchEngine vs transformers | MlxEngine vs TorchEngine | stock mlx_lm "
+          "vs TorchEngine | LoRA: unmerged vs merged | LoRA: MLX vs torch | LoRA removed → base |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['kind']} | {r['hf']} | {r['mlx']} | {r['lora']} |")
+        print(f"| {r['shape']} | {r['kind']} | {r['hf']} | {r['mlx']} | {r['stock_mlx']} | "
+              f"{r['lora']} |")
 
 
 if __name__ == "__main__":

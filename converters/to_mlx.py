@@ -1,11 +1,16 @@
 """Any MiniMind checkpoint → an mlx_lm folder (``python -m converters.to_mlx SRC DST``).
 
 SRC: a ``.pth`` / ``.safetensors`` file or a transformers / MLX folder. DST gets ``config.json``
-(model_type ``llama`` for dense MiniMind2, ``qwen3`` for dense MiniMind-3, ``qwen3_moe`` for
-MiniMind-3-MoE, so stock ``mlx_lm.load`` runs them; ``minimind`` for MiniMind2-MoE, which only
-minimind-core loads), ``model.safetensors`` (shards plus an index above 5 GiB), the tokenizer
-files with a chat template that renders the same ids in stock mlx_lm as in minimind-core
-(``mlx_chat_template``), and with ``--q-bits`` mlx_lm's quantization block.
+(model_type ``llama`` for dense MiniMind2, ``bailing_moe`` for MiniMind2-MoE, ``qwen3`` for dense
+MiniMind-3, ``qwen3_moe`` for MiniMind-3-MoE: stock ``mlx_lm.load`` runs every one of them),
+``model.safetensors`` (shards plus an index above 5 GiB), the tokenizer files with a chat
+template that renders the same ids in stock mlx_lm as in minimind-core (``mlx_chat_template``),
+and with ``--q-bits`` mlx_lm's quantization block.
+
+MiniMind2-MoE is exactly mlx_lm's ``bailing_moe`` (rotate-half RoPE, softmax router whose top-k
+weights are renormalised only when k > 1, ungated shared experts; ``ernie4_5_moe`` rotates
+interleaved pairs and always renormalises, ``granitemoe`` has no shared expert), whose weight
+names and fusions ``minimind_core.checkpoint.to_bailing_moe`` writes.
 
 reader (``load_checkpoint``) → normalise (optional LoRA merge, dtype, quantize) → writer
 (atomic: a temporary sibling folder renamed into place).
@@ -20,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from minimind_core.chat import FALLBACK_TEMPLATE
-from minimind_core.checkpoint import load_checkpoint
+from minimind_core.checkpoint import BAILING_MOE, load_checkpoint, to_bailing_moe
 from minimind_core.config import ModelConfig, to_hf_config
 from minimind_core.dtypes import canonical_dtype
 from minimind_core.lora import MLX_ADAPTER_CONFIG, MLX_ADAPTER_FILE, LoRA, load_lora
@@ -42,21 +47,6 @@ from .common import (
 )
 
 CONVERTER_VERSION = 1
-
-MINIMIND2_MOE_NOTE = """\
-# {name} (MiniMind2-MoE, MLX)
-
-MiniMind2-MoE (routed experts **plus shared experts**) has no stock mlx_lm architecture, so
-`config.json` says `model_type: "minimind"` and `mlx_lm.load` cannot run this folder. Load it
-with minimind-core:
-
-    from minimind_core.loader import load
-    engine = load("{name}", backend="mlx")
-
-Routed experts are stacked as mlx_lm does (`mlp.switch_mlp.{{gate,up,down}}_proj.weight`,
-[experts, out, in]); shared experts keep upstream's names (`mlp.shared_experts.S.*`).
-"""
-
 
 def convert(src: str | Path, dst: str | Path, *, q_bits: int | None = None, q_group_size: int = 64,
             dtype: str = "float16", tokenizer: str | Path | Tokenizer | None = None,
@@ -96,6 +86,10 @@ def convert(src: str | Path, dst: str | Path, *, q_bits: int | None = None, q_gr
     for out in outputs:  # the tokenizer found is an input too
         guard_output(out, [src, tok, lora], force=force)
     adapter = None
+    if lora_adapter_out is not None and ckpt.config.kind == "minimind2-moe":
+        raise ValueError("MiniMind2-MoE's stock mlx_lm architecture (bailing_moe) fuses q/k/v, so "
+                         "a LoRA on q_proj cannot be an mlx_lm adapter; merge it instead (drop "
+                         "--lora-adapter-out)")
     if lora is not None:
         from minimind_core.lora import merge_into
 
@@ -112,7 +106,7 @@ def convert(src: str | Path, dst: str | Path, *, q_bits: int | None = None, q_gr
         quantization = quantize(model, bits, q_group_size)
     say(f"writing {display_path(dst)}")
     write_folder(model, dst, dtype=dtype, quantization=quantization, source=ckpt.path,
-                 source_files=ckpt.files, tokenizer=tok, force=force,
+                 source_files=ckpt.files, tokenizer=tok, force=force, stock_layout=True,
                  lora=adapter.path if adapter is not None and lora_adapter_out is None else None)
     if lora_adapter_out is not None:
         say(f"writing the mlx_lm adapter folder {display_path(lora_adapter_out)}")
@@ -124,23 +118,30 @@ def convert(src: str | Path, dst: str | Path, *, q_bits: int | None = None, q_gr
 def write_folder(model: Any, dst: Path, *, dtype: str, quantization: Mapping[str, Any] | None = None,
                  source: Path | None = None, source_files: Sequence[Path] = (),
                  tokenizer: Tokenizer | None = None, force: bool = False,
-                 lora: Path | None = None) -> Path:
-    """Write an MLX model (``backends.mlx.model.Model``) as a folder, atomically
-    (``common.atomic_dir``: ``force`` replaces only an earlier output of ours)."""
+                 lora: Path | None = None, stock_layout: bool = False) -> Path:
+    """Write an MLX model (``backends.mlx.model.Model``) as a folder, atomically.
+
+    stock_layout: write MiniMind2-MoE as mlx_lm's ``bailing_moe`` (what users get); without it
+    the folder keeps this package's names (model_type ``minimind``), as the MLX cache of ``.pth``
+    files does, which only this package reads.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
     from backends.mlx.load import save_weights
 
     config = mlx_config(model.args, dtype, quantization=quantization, source=source,
-                        source_files=source_files, lora=lora)
+                        source_files=source_files, lora=lora, stock_layout=stock_layout)
+    weights: Any = model
+    if config["model_type"] == BAILING_MOE:
+        weights = to_bailing_moe(dict(tree_flatten(model.parameters())), mx.concatenate)
     with atomic_dir(dst, force, writer="converters.to_mlx") as tmp:
-        save_weights(model, tmp)
+        save_weights(weights, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                          encoding="utf-8")
         if tokenizer is not None:
             copy_tokenizer(tokenizer, tmp)
             write_chat_template(tmp, mlx_chat_template(tokenizer.chat_template))
-        if config["model_type"] == "minimind":
-            (tmp / "README.md").write_text(MINIMIND2_MOE_NOTE.format(name=display_path(Path(dst).name)),
-                                           encoding="utf-8")
     return dst
 
 
@@ -207,13 +208,15 @@ def write_adapter(lora: str | Path | LoRA, config: ModelConfig, dst: str | Path,
 
 def mlx_config(config: Any, dtype: str, *, quantization: Mapping[str, Any] | None = None,
                source: Path | None = None, source_files: Sequence[Path] = (),
-               lora: Path | None = None) -> dict[str, Any]:
-    """config.json: ``to_hf_config``, mlx_lm's quantization block, and a ``minimind`` block.
+               lora: Path | None = None, stock_layout: bool = False) -> dict[str, Any]:
+    """config.json: ``to_hf_config`` (``bailing_moe_config`` for MiniMind2-MoE with
+    ``stock_layout``), mlx_lm's quantization block, and a ``minimind`` block.
 
     YaRN is an inference-time switch (``load(..., inference_rope_scaling=True)``) and is not
     written as ``rope_scaling``: stock mlx_lm's YaRN differs from upstream's (it scales attention).
     """
-    out = to_hf_config(config)
+    stock_moe = stock_layout and config.kind == "minimind2-moe"
+    out = bailing_moe_config(config) if stock_moe else to_hf_config(config)
     out["torch_dtype"] = dtype
     if quantization is not None:
         # mlx_lm writes the block twice (``quantization`` and, for HF tools, ``quantization_config``).
@@ -224,6 +227,38 @@ def mlx_config(config: Any, dtype: str, *, quantization: Mapping[str, Any] | Non
         source, source_files, lora, config_dict={k: v for k, v in config.to_dict().items()
                                                  if k not in ("inference_rope_scaling", "rope_scaling")})
     return out
+
+
+def bailing_moe_config(config: ModelConfig) -> dict[str, Any]:
+    """mlx_lm's ``bailing_moe`` config.json for a MiniMind2-MoE model (every switch it has set so
+    that it computes MiniMind2-MoE: no biases, no q/k norm, softmax scores, one expert group,
+    routed scaling 1, the shared experts one FFN of ``n_shared * ffn``)."""
+    if config.num_attention_heads * config.head_dim != config.hidden_size:
+        raise ValueError(f"bailing_moe takes head_dim = hidden_size / heads, but this model has "
+                         f"{config.num_attention_heads} heads of {config.head_dim} on hidden "
+                         f"{config.hidden_size}; stock mlx_lm cannot run it")
+    ffn = config.intermediate_size
+    return {
+        "model_type": BAILING_MOE, "architectures": ["BailingMoeForCausalLM"],
+        "hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads, "head_dim": config.head_dim,
+        "intermediate_size": ffn, "moe_intermediate_size": ffn,
+        "moe_shared_expert_intermediate_size": ffn, "num_experts": config.num_experts,
+        "num_shared_experts": config.n_shared_experts,
+        "moe_router_enable_shared_expert": config.n_shared_experts > 0,
+        "num_experts_per_tok": config.num_experts_per_tok,
+        # bailing renormalises when top_k > 1 and norm_topk_prob: MiniMind2's own rule
+        "norm_topk_prob": config.norm_topk_prob, "first_k_dense_replace": 0,
+        "score_function": "softmax", "n_group": 1, "topk_group": 1,
+        "routed_scaling_factor": 1.0, "moe_router_enable_expert_bias": False,
+        "use_bias": False, "use_qkv_bias": False, "use_qk_norm": False, "norm_head": False,
+        "vocab_size": config.vocab_size, "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta, "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": True, "hidden_act": "silu",
+        "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+    }
 
 
 # --- CLI ---------------------------------------------------------------------------------------

@@ -115,6 +115,29 @@ KINDS = {
 }
 
 
+# Tiny analogues of the five released configs (FORMATS.md): each keeps its release's head and
+# kv-head counts, MoE layout and upstream's FFN rule, at a small hidden size (head_dim 8-12).
+RELEASE_LIKE: dict[str, tuple[str, dict]] = {
+    "minimind2-small": ("minimind2", {"hidden_size": 64, "num_hidden_layers": 2}),
+    "minimind2": ("minimind2", {"hidden_size": 96, "num_hidden_layers": 3}),
+    "minimind2-moe": ("minimind2-moe", {"hidden_size": 80, "num_hidden_layers": 2}),
+    "minimind-3": ("minimind3", {"hidden_size": 96, "num_hidden_layers": 2,
+                                 "num_key_value_heads": 4}),
+    "minimind-3-moe": ("minimind3-moe", {"hidden_size": 96, "num_hidden_layers": 2,
+                                         "num_key_value_heads": 4}),
+}
+
+
+def release_like(name: str) -> tuple[str, dict]:
+    """(kind, make_checkpoint overrides) for a tiny analogue of a released config."""
+    from minimind_core.config import ffn_width
+
+    kind, shape = RELEASE_LIKE[name]
+    hidden = shape["hidden_size"]
+    return kind, {**shape, "head_dim": hidden // 8,
+                  "intermediate_size": ffn_width(KINDS[kind][0], hidden)}
+
+
 def tiny_config(kind: str = "minimind2", **overrides) -> ModelConfig:
     """A small config of one of the four kinds (8 heads like every release — a bare MiniMind2
     state dict cannot tell its head count —, 2 kv heads, head_dim 16)."""

@@ -23,7 +23,7 @@ from minimind_core.params import SamplingParams  # noqa: E402
 pytestmark = pytest.mark.mlx
 
 PROMPT = [1, 5, 77, 200, 31, 9, 302, 17, 88, 3, 250, 11]
-STOCK = ["minimind2", "minimind3", "minimind3-moe"]  # kinds stock mlx_lm has a model for
+STOCK = ["minimind2", "minimind3", "minimind3-moe"]  # kinds whose stock mlx_lm model keeps q_proj (bailing_moe fuses q/k/v)
 
 
 @pytest.fixture(autouse=True)

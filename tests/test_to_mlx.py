@@ -14,7 +14,7 @@ mx = pytest.importorskip("mlx.core")
 mlx_lm = pytest.importorskip("mlx_lm")
 torch = pytest.importorskip("torch")
 
-from conftest import random_weights, save_pth, tiny_config  # noqa: E402
+from conftest import RELEASE_LIKE, random_weights, release_like, save_pth, tiny_config  # noqa: E402
 
 from converters import to_mlx  # noqa: E402
 from minimind_core import load  # noqa: E402
@@ -52,13 +52,25 @@ def _no_leftovers(parent):
     return [p.name for p in parent.iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.parametrize("kind, model_type", [("minimind2", "llama"), ("minimind3", "qwen3"),
-                                              ("minimind3-moe", "qwen3_moe")])
-def test_folder_loads_in_stock_mlx_lm(make_checkpoint, tmp_path, kind, model_type):
-    path, config, _ = make_checkpoint(kind)
+STOCK_TYPES = {"minimind2": "llama", "minimind2-moe": "bailing_moe", "minimind3": "qwen3",
+               "minimind3-moe": "qwen3_moe"}
+
+
+def _stock_greedy(model, ids, n):
+    """n greedy tokens from stock mlx_lm's own decode loop (argmax, no eos stop)."""
+    from mlx_lm.generate import generate_step
+
+    steps = generate_step(mx.array(ids), model, max_tokens=n, sampler=lambda x: mx.argmax(x, -1))
+    return [int(token) for token, _ in steps]
+
+
+@pytest.mark.parametrize("name", list(RELEASE_LIKE))
+def test_folder_loads_in_stock_mlx_lm(make_checkpoint, tmp_path, name):
+    kind, shape = release_like(name)
+    path, config, _ = make_checkpoint(kind, **shape)
     dst = _convert(path, config, tmp_path / "mlx", dtype="float32")
     meta = json.loads((dst / "config.json").read_text())
-    assert meta["model_type"] == model_type and "quantization" not in meta
+    assert meta["model_type"] == STOCK_TYPES[kind] and "quantization" not in meta
     block = meta["minimind"]
     assert block["source_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert block["generation"] == config.generation and block["source"] == str(path)
@@ -66,26 +78,46 @@ def test_folder_loads_in_stock_mlx_lm(make_checkpoint, tmp_path, kind, model_typ
     assert "<|im_start|>" in tok_config["chat_template"]
 
     model, tokenizer = mlx_lm.load(str(dst))  # model and tokenizer, as a user runs it
-    assert tokenizer.encode("hello world") == load(path, backend="torch", **_heads(config)).tokenizer.encode("hello world")
+    assert type(model).__module__ == f"mlx_lm.models.{STOCK_TYPES[kind]}"  # stock, not ours
+    torch_engine = load(path, backend="torch", **_heads(config))
+    assert tokenizer.encode("hello world") == torch_engine.tokenizer.encode("hello world")
     stock = np.array(model(mx.array([PROMPT]))[0])
     ours = load(dst, backend="mlx", device="cpu").logits(PROMPT)
-    torch_logits = load(path, backend="torch", **_heads(config)).logits(PROMPT)
+    torch_logits = torch_engine.logits(PROMPT)
     assert np.abs(stock - ours).max() <= 1e-4
-    assert np.abs(stock - torch_logits).max() <= 1e-3
+    assert np.abs(stock - torch_logits).max() <= 1e-4
+    greedy = [int(row[0]) for row in torch_engine.iter_tokens([PROMPT], max_new_tokens=12)]
+    assert _stock_greedy(model, PROMPT, 12) == greedy
 
 
-def test_minimind2_moe_folder(make_checkpoint, tmp_path):
-    path, config, _ = make_checkpoint("minimind2-moe")
+def test_minimind2_moe_is_stock_bailing_moe_and_reads_back(make_checkpoint, tmp_path):
+    path, config, _ = make_checkpoint("minimind2-moe", n_shared_experts=2)
     dst = _convert(path, config, tmp_path / "mlx", dtype="float32")
     meta = json.loads((dst / "config.json").read_text())
-    assert meta["model_type"] == "minimind"
-    assert "only" in (dst / "README.md").read_text() or "cannot" in (dst / "README.md").read_text()
-    with pytest.raises(ValueError):  # no stock mlx_lm architecture for it
-        mlx_lm.load(str(dst))
+    assert meta["model_type"] == "bailing_moe" and meta["num_shared_experts"] == 2
+    names = set(mx.load(str(dst / "model.safetensors")))
+    assert "model.layers.0.attention.query_key_value.weight" in names  # bailing's own names
+    assert "model.layers.0.mlp.shared_experts.down_proj.weight" in names  # one wider FFN
     torch_logits = load(path, backend="torch", **_heads(config)).logits(PROMPT)
-    assert np.abs(load(dst, backend="mlx", device="cpu").logits(PROMPT) - torch_logits).max() <= 1e-3
-    # the torch backend reads the stacked experts back too
-    assert np.abs(load(dst, backend="torch").logits(PROMPT) - torch_logits).max() <= 1e-3
+    model, _ = mlx_lm.load(str(dst))
+    assert np.abs(np.array(model(mx.array([PROMPT]))[0]) - torch_logits).max() <= 1e-4
+    # both of our backends read the stock folder back
+    assert np.abs(load(dst, backend="mlx", device="cpu").logits(PROMPT) - torch_logits).max() <= 1e-4
+    assert np.abs(load(dst, backend="torch").logits(PROMPT) - torch_logits).max() <= 1e-4
+    # quantized: stock mlx_lm and our MLX loader agree on the same packed weights
+    q8 = _convert(path, config, tmp_path / "q8", dtype="float32", q_bits=8)
+    assert np.abs(_stock_logits(q8) - load(q8, backend="mlx", device="cpu").logits(PROMPT)).max() <= 1e-4
+
+
+def test_minimind2_moe_refuses_an_adapter_folder(make_checkpoint, tmp_path):
+    path, config, _ = make_checkpoint("minimind2-moe")
+    lora_file = path.parent / "lora.pth"
+    torch.save({"model.layers.0.self_attn.q_proj.lora.A.weight": torch.zeros(4, config.hidden_size),
+                "model.layers.0.self_attn.q_proj.lora.B.weight": torch.zeros(config.hidden_size, 4)},
+               lora_file)
+    with pytest.raises(ValueError, match=r"\(bailing_moe\) fuses q/k/v"):
+        _convert(path, config, tmp_path / "mlx", lora=lora_file, lora_adapter_out=tmp_path / "ad")
+    assert not (tmp_path / "mlx").exists() and not (tmp_path / "ad").exists()
 
 
 def test_quantized_sizes_and_stock_parity(tmp_path, tokenizer_dir):

@@ -87,10 +87,13 @@ def quantization_of(model: nn.Module) -> dict[str, Any] | None:
     return None
 
 
-def save_weights(model: nn.Module, folder: Path, max_shard_bytes: int | None = None) -> list[str]:
-    """Write the parameters as ``model.safetensors``, or as shards plus an index above 5 GiB."""
+def save_weights(model: nn.Module | Mapping[str, mx.array], folder: Path,
+                 max_shard_bytes: int | None = None) -> list[str]:
+    """Write a model's parameters (or flat ``{name: array}`` weights) as ``model.safetensors``,
+    or as shards plus an index above 5 GiB."""
     limit = MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
-    weights = dict(sorted(tree_flatten(model.parameters())))
+    params = model.parameters() if isinstance(model, nn.Module) else dict(model)
+    weights = dict(sorted(tree_flatten(params)))
     shards: list[dict[str, mx.array]] = []
     size = 0
     for key, value in weights.items():

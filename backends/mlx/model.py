@@ -22,7 +22,7 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
-from minimind_core.checkpoint import strip_prefixes
+from minimind_core.checkpoint import from_bailing_moe, strip_prefixes
 from minimind_core.config import ModelConfig, hf_model_type
 from minimind_core.rope import rope_frequencies
 
@@ -217,9 +217,15 @@ class Model(nn.Module):
         return [KVCache() for _ in self.layers]
 
     def sanitize(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
-        """Checkpoint names → this model's: drop the tied head and buffers, stack routed experts."""
+        """Checkpoint names → this model's: drop the tied head and buffers, stack routed experts
+        (a stock ``bailing_moe`` folder's names are mapped back first)."""
         out: dict[str, mx.array] = {}
         experts: dict[tuple[str, str], dict[int, mx.array]] = {}
+        if "model.word_embeddings.weight" in weights:
+            cfg = self.args
+            weights = from_bailing_moe(weights, heads=cfg.num_attention_heads,
+                                       kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                                       n_shared=cfg.n_shared_experts)
         for key, value in weights.items():
             key = strip_prefixes(key)
             if key == "lm_head.weight" or key.endswith("rotary_emb.inv_freq"):
