@@ -204,6 +204,19 @@ def save_pth(weights: dict[str, np.ndarray], path: Path, dtype=None) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def real_checkpoint(real_tokenizer):
+    """real_checkpoint(root, kind, tokenizer="minimind2", seed=0, **config) -> (path, config): a
+    tiny random checkpoint (vocab 6400) with upstream's real tokenizer in ``root/model``."""
+    def make(root: Path, kind: str, tokenizer: str = "minimind2", seed: int = 0, **overrides):
+        config = tiny_config(kind, vocab_size=6400, **overrides)
+        real_tokenizer.copy(root / "model", tokenizer)
+        path = save_pth(random_weights(config, seed), root / "out" / f"full_sft_{kind}.pth")
+        return path, config
+
+    return make
+
+
 @pytest.fixture
 def make_checkpoint(tmp_path, tokenizer_dir):
     """make_checkpoint(kind, seed=0, **config) -> (path to out/full_sft_H[_moe].pth, config, weights)."""

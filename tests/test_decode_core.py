@@ -4,6 +4,7 @@ batch, joining a running batch, or through any ``decode=`` implementation."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -25,6 +26,13 @@ N = 32
 COMPILE = os.environ.get("MINIMIND_SKIP_COMPILE") != "1"
 DECODES = ["eager"] + (["native"] if native.library() is not None else []) + (
     ["compiled"] if COMPILE else [])
+
+
+def both_backends(path):
+    """(name, engine) for torch, then MLX where it is installed (float32 on the CPU)."""
+    yield "torch", load(path, backend="torch", device="cpu", dtype="float32")
+    if importlib.util.find_spec("mlx") is not None:
+        yield "mlx", load(path, backend="mlx", device="cpu", dtype="float32")
 
 
 def prompt_pair(engine) -> tuple[list[int], list[int]]:
@@ -281,10 +289,7 @@ def test_prefix_cache_chunked_prefill_and_growth_keep_every_row(model):
     """The loop the server's scheduler runs: prefix reuse, prompts prefilled in chunks while
     other rows decode, and a cache that grows under running rows — each row's tokens as alone."""
     path, _, _ = model
-    for backend in ("torch", "mlx"):
-        if backend == "mlx":
-            pytest.importorskip("mlx.core")
-        engine = load(path, backend=backend, device="cpu", dtype="float32")
+    for backend, engine in both_backends(path):
         p, pp = prompt_pair(engine)
         params = SamplingParams(max_new_tokens=12, **SAMPLED)
         turn2 = pp + p[:4]  # shares pp with the first request
@@ -315,10 +320,7 @@ def test_prefix_cache_chunked_prefill_and_growth_keep_every_row(model):
 def test_prefill_in_chunks_equals_one_prefill(model, chunk):
     """Chunks of any size at any start (a single later token sees every earlier key)."""
     path, _, _ = model
-    for backend in ("torch", "mlx"):
-        if backend == "mlx":
-            pytest.importorskip("mlx.core")
-        engine = load(path, backend=backend, device="cpu", dtype="float32")
+    for _, engine in both_backends(path):
         ids = engine.encode("hello world, 你好, once more")
         want = engine.logits(ids)[-1]
         cache = engine._cache_for(1, 64)
@@ -361,10 +363,7 @@ def test_logprobs_are_log_softmax_of_the_model_logits(model):
 def test_forked_rows_share_one_prefill(model):
     """n > 1 choices: one prefill, the keys copied; each choice = a solo run with its seed."""
     path, _, _ = model
-    for backend in ("torch", "mlx"):
-        if backend == "mlx":
-            pytest.importorskip("mlx.core")
-        engine = load(path, backend=backend, device="cpu", dtype="float32")
+    for backend, engine in both_backends(path):
         _, pp = prompt_pair(engine)
         params = SamplingParams(max_new_tokens=10, **SAMPLED)
         want = [[int(t[0]) for t in engine.iter_tokens([pp], params, seed=s)] for s in (1, 2, 3)]

@@ -236,15 +236,6 @@ def test_iter_tokens_ignores_eos_and_stops_at_the_budget(tok):
     assert [int(s[0]) for s in steps] == script[:4]
 
 
-def test_mlx_only_options_on_torch_are_named(make_checkpoint):
-    pytest.importorskip("torch")
-    from minimind_core import load
-
-    path, _, _ = make_checkpoint("minimind2")
-    with pytest.raises(ValueError, match="quantize=4 is for the MLX backend"):
-        load(path, backend="torch", quantize=4)
-
-
 def test_cpu_threads_follow_model_size():
     pytest.importorskip("torch")
     import os

@@ -26,10 +26,7 @@ except ImportError:
 
 from conftest import (  # noqa: E402
     RELEASE_LIKE,
-    random_weights,
     release_like,
-    save_pth,
-    tiny_config,
 )
 
 from converters import to_gguf  # noqa: E402
@@ -52,26 +49,8 @@ HARD_STRINGS = [
 ]
 
 
-_TOKENIZERS = None  # conftest's real_tokenizer (the one way to upstream's tokenizers)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _real_tokenizers(real_tokenizer):
-    global _TOKENIZERS
-    _TOKENIZERS = real_tokenizer
-
-
-
 def _heads(config):
     return {"num_attention_heads": config.num_attention_heads}
-
-
-def _checkpoint(root, kind, seed=0, tokenizer="minimind2", **overrides):
-    """A tiny random checkpoint with a real MiniMind tokenizer (vocab 6400) beside it."""
-    config = tiny_config(kind, vocab_size=6400, **overrides)
-    _TOKENIZERS.copy(root / "model", tokenizer)
-    path = save_pth(random_weights(config, seed), root / "out" / f"full_sft_{kind}.pth")
-    return path, config
 
 
 def _llama(path, n_ctx=256):
@@ -110,14 +89,14 @@ def _our_greedy(engine, ids, n):
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
+def exports(tmp_path_factory, real_checkpoint):
     """The five release-like configs, each exported once as f32: name → (pth, gguf, config)."""
     out = {}
     for name in RELEASE_LIKE:
         kind, shape = release_like(name)
         root = tmp_path_factory.mktemp(name)
         tokenizer = "minimind3" if kind.startswith("minimind3") else "minimind2"
-        path, config = _checkpoint(root, kind, tokenizer=tokenizer, **shape)
+        path, config = real_checkpoint(root, kind, tokenizer=tokenizer, **shape)
         gguf_file = to_gguf.convert(path, root / f"{name}.gguf", overrides=_heads(config),
                                     progress=False)
         out[name] = (path, gguf_file, config)
@@ -179,8 +158,8 @@ def test_chat_completion_reproduces_our_greedy_reply(exports, llamas, name):
     assert r["choices"][0]["message"]["content"] == llamas[name].detokenize(reply).decode()
 
 
-def test_merged_lora(tmp_path):
-    path, config = _checkpoint(tmp_path, "minimind2")
+def test_merged_lora(tmp_path, real_checkpoint):
+    path, config = real_checkpoint(tmp_path, "minimind2")
     rng = np.random.default_rng(3)
     state = {}
     for i in range(config.num_hidden_layers):
@@ -211,9 +190,9 @@ def _cosine(a, b):
     ("minimind3", "q8_0", 0.999), ("minimind2-moe", "q8_0", 0.999),
     ("minimind3-moe", "f16", 0.9999), ("minimind3-moe", "q8_0", 0.999),
 ])
-def test_quantized_outtypes_cosine(tmp_path, kind, outtype, bound):
+def test_quantized_outtypes_cosine(tmp_path, kind, outtype, bound, real_checkpoint):
     tokenizer = "minimind3" if kind.startswith("minimind3") else "minimind2"
-    path, config = _checkpoint(tmp_path, kind, tokenizer=tokenizer)
+    path, config = real_checkpoint(tmp_path, kind, tokenizer=tokenizer)
     out = to_gguf.convert(path, tmp_path / f"{outtype}.gguf", outtype=outtype,
                           overrides=_heads(config), progress=False)
     f32 = to_gguf.convert(path, tmp_path / "f32.gguf", overrides=_heads(config), progress=False)
@@ -229,8 +208,8 @@ def test_quantized_outtypes_cosine(tmp_path, kind, outtype, bound):
     assert out.stat().st_size < 0.6 * f32.stat().st_size
 
 
-def test_yarn_keys_match_our_engine(tmp_path):
-    path, config = _checkpoint(tmp_path, "minimind3", tokenizer="minimind3")
+def test_yarn_keys_match_our_engine(tmp_path, real_checkpoint):
+    path, config = real_checkpoint(tmp_path, "minimind3", tokenizer="minimind3")
     out = to_gguf.convert(path, tmp_path / "yarn.gguf", progress=False,
                           overrides={"inference_rope_scaling": True})
     ours = load(path, backend="torch", inference_rope_scaling=True).logits(PROMPT)

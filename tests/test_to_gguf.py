@@ -22,16 +22,6 @@ from converters import gguf_arch, to_gguf  # noqa: E402
 pytestmark = pytest.mark.torch
 
 
-_TOKENIZERS = None  # conftest's real_tokenizer (the one way to upstream's tokenizers)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _real_tokenizers(real_tokenizer):
-    global _TOKENIZERS
-    _TOKENIZERS = real_tokenizer
-
-
-
 def _heads(config):
     return {"num_attention_heads": config.num_attention_heads}
 
@@ -53,12 +43,6 @@ def _tensors(reader):
 
 def _sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _real_checkpoint(tmp_path, kind, tokenizer, **overrides):
-    config = tiny_config(kind, vocab_size=6400, **overrides)
-    _TOKENIZERS.copy(tmp_path / "model", tokenizer)
-    return save_pth(random_weights(config), tmp_path / "out" / "full_sft_128.pth"), config
 
 
 # --- the q/k permutation ------------------------------------------------------------------------
@@ -156,8 +140,8 @@ def test_architecture_keys_and_tensors(make_checkpoint, tmp_path, kind, arch):
                               weights["model.layers.0.mlp.shared_experts.1.down_proj.weight"])
 
 
-def test_tokenizer_metadata_minimind3(tmp_path):
-    path, config = _real_checkpoint(tmp_path, "minimind3", "minimind3")
+def test_tokenizer_metadata_minimind3(tmp_path, real_checkpoint):
+    path, config = real_checkpoint(tmp_path, "minimind3", "minimind3")
     meta_file = json.loads((tmp_path / "model" / "tokenizer_config.json").read_text())
     added = {t["content"]: t for t in json.loads(
         (tmp_path / "model" / "tokenizer.json").read_text())["added_tokens"]}
@@ -191,8 +175,8 @@ def test_smaller_tokenizer_is_padded_with_unused_tokens(make_checkpoint, tmp_pat
     assert set(meta["tokenizer.ggml.token_type"][400:]) == {5}  # UNUSED
 
 
-def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path):
-    path, config = _real_checkpoint(tmp_path, "minimind2", "minimind2")
+def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path, real_checkpoint):
+    path, config = real_checkpoint(tmp_path, "minimind2", "minimind2")
     small = tiny_config("minimind2")  # vocab 512 < the real tokenizer's 6400
     path = save_pth(random_weights(small), tmp_path / "out" / "small.pth")
     with pytest.raises(ValueError, match="6400 tokens but the model only 512"):
