@@ -2,9 +2,10 @@
 
 For each released shape (random weights of the real size): the checkpoint is exported with
 ``converters.to_gguf`` as f32 and as q8_0; llama.cpp (llama-cpp-python, the ``gguf-test`` extra)
-runs both with the same thread count as our TorchEngine (fp32), batch 1. Printed as markdown:
+runs both with the same thread count as our TorchEngine, batch 1. Printed as markdown:
 
-- decode tok/s: ours fp32, llama.cpp f32, llama.cpp q8_0 (median of ``--repeats``; tokens after
+- decode tok/s: ours fp32 / int8 / int4 (``quantize=8|4``, group 32: llama.cpp's block size),
+  llama.cpp f32 / q8_0 / q4_0 (median of ``--repeats``; tokens after
   the first, fed one by one, greedy), each in its own process (two OpenMP runtimes spinning in
   one process would slow both);
 - parity of the f32 export: max |logit difference| over every position of a 64-token prompt
@@ -111,12 +112,14 @@ def worker(a: argparse.Namespace) -> None:
     rng = np.random.default_rng(1)
     config = harness.config_for(a.shape)
     prompt = rng.integers(3, config.vocab_size, a.prompt_tokens).tolist()
-    if a.worker == "ours":
+    if a.worker.startswith("ours"):
         from minimind_core import load
 
+        bits = {"ours": None, "ours8": 8, "ours4": 4}[a.worker]
         engine = load(a.path, backend="torch", device="cpu", dtype="float32",
                       tokenizer=harness.tokenizer_dir(), threads=a.threads,
-                      num_attention_heads=config.num_attention_heads)
+                      num_attention_heads=config.num_attention_heads, quantize=bits,
+                      q_group_size=32 if bits else None)
         rate = ours_decode_rate(engine, prompt, a.new_tokens, a.repeats)
     else:
         rate = llama_decode_rate(llama(Path(a.path), a.threads), prompt, a.new_tokens, a.repeats)
@@ -138,7 +141,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--worker", choices=("ours", "llama"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("ours", "ours8", "ours4", "llama"), help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -161,8 +164,10 @@ def main() -> None:
         f32 = convert(src, folder / "f32.gguf", tokenizer=tok, progress=False, overrides=heads)
         q8 = convert(src, folder / "q8_0.gguf", outtype="q8_0", tokenizer=tok, progress=False,
                      overrides=heads)
-        rate_ours = timed("ours", shape, src, a)
-        rate32, rate8 = timed("llama", shape, f32, a), timed("llama", shape, q8, a)
+        q4 = convert(src, folder / "q4_0.gguf", outtype="q4_0", tokenizer=tok, progress=False,
+                     overrides=heads)
+        rate_ours, ours8, ours4 = (timed(k, shape, src, a) for k in ("ours", "ours8", "ours4"))
+        rate32, rate8, rate4 = (timed("llama", shape, f, a) for f in (f32, q8, q4))
 
         engine = load(src, backend="torch", device="cpu", dtype="float32", tokenizer=tok,
                       threads=a.threads, **heads)
@@ -173,10 +178,12 @@ def main() -> None:
         diff = float(np.abs(llama_logits(llm32, ids) - ours).max())
         same = llama_greedy(llm32, ids, GREEDY) == ours_greedy
         cos8 = cosine(llama_logits(llama(q8, a.threads, logits_all=True), ids), ours)
-        rows.append(f"| {shape} | {config.kind} | {rate_ours:.1f} | {rate32:.1f} | {rate8:.1f} | "
-                    f"{rate_ours / rate32:.2f}x | {diff:.1e} | {'same' if same else 'DIFFERENT'} | "
-                    f"{cos8:.5f} | {f32.stat().st_size / 1e6:.0f} / {q8.stat().st_size / 1e6:.0f} |")
-        for f in (f32, q8, f32.with_suffix(".Modelfile"), q8.with_suffix(".Modelfile"), src):
+        rows.append(f"| {shape} | {config.kind} | {rate_ours:.1f} | {rate32:.1f} | "
+                    f"{rate_ours / rate32:.2f}x | {ours8:.1f} | {rate8:.1f} | "
+                    f"{ours8 / rate8:.2f}x | {ours4:.1f} | {rate4:.1f} | {ours4 / rate4:.2f}x | "
+                    f"{diff:.1e} | {'same' if same else 'DIFFERENT'} | {cos8:.5f} | "
+                    f"{f32.stat().st_size / 1e6:.0f} / {q8.stat().st_size / 1e6:.0f} |")
+        for f in (f32, q8, q4, *(x.with_suffix(".Modelfile") for x in (f32, q8, q4)), src):
             f.unlink(missing_ok=True)
         del engine, llm32
 
@@ -184,10 +191,10 @@ def main() -> None:
           f"prompt {a.prompt_tokens} tokens, {a.new_tokens} new tokens, median of {a.repeats}; "
           f"torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__} "
           f"(no weight repacking)\n")
-    print("| model | kind | ours fp32 tok/s | llama.cpp f32 tok/s | llama.cpp q8_0 tok/s | "
-          "ours / llama.cpp f32 | f32 max abs diff (64 pos) | greedy 24 | q8_0 cosine | "
-          "f32 / q8_0 MB |")
-    print("|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
+    print("| model | kind | ours fp32 | llama.cpp f32 | ratio | ours int8 | llama.cpp q8_0 | "
+          "ratio | ours int4 | llama.cpp q4_0 | ratio | f32 max abs diff (64 pos) | greedy 24 | "
+          "q8_0 cosine | f32 / q8_0 MB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     print("\n".join(rows))
     print(f"\nllama.cpp system info: {llama_cpp.llama_print_system_info().decode().strip()}")
 

@@ -1,6 +1,6 @@
 """Any MiniMind checkpoint → one GGUF file for llama.cpp and Ollama (``python -m converters.to_gguf``).
 
-``python -m converters.to_gguf SRC OUT.gguf [--outtype f32|f16|bf16|q8_0] [--lora L]
+``python -m converters.to_gguf SRC OUT.gguf [--outtype f32|f16|bf16|q8_0|q4_0] [--lora L]
 [--tokenizer DIR] [--force]`` writes a self-contained ``OUT.gguf`` (weights, tokenizer, chat
 template, metadata) with llama.cpp's own ``gguf`` package, and an Ollama ``OUT.Modelfile`` beside
 it. The architecture mapping is in ``gguf_arch.py``, the tokenizer metadata in ``gguf_vocab.py``,
@@ -38,7 +38,8 @@ from .common import (
 )
 
 CONVERTER_VERSION = 1
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+BLOCKED = {"q8_0": "Q8_0", "q4_0": "Q4_0"}  # llama.cpp's block-quantized outtypes
 # ``minimind convert --dtype`` speaks torch's names; they mean the same outtypes here.
 _DTYPE_TO_OUTTYPE = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
@@ -58,7 +59,7 @@ def modelfile_path(out: Path) -> Path:
 
 
 def resolve_outtype(outtype: str | None, dtype: str | None = None) -> str:
-    """``outtype`` (f32, f16, bf16, q8_0), or the same choice given as a torch dtype name."""
+    """``outtype`` (f32, f16, bf16, q8_0, q4_0), or the same choice as a torch dtype name."""
     if outtype is not None and dtype is not None:
         raise ValueError("pass outtype (--outtype) or dtype (--dtype), not both")
     if dtype is not None:
@@ -75,8 +76,8 @@ def convert(src: str | Path, dst: str | Path, *, outtype: str | None = None,
             overrides: Mapping[str, Any] | None = None, progress: bool = True) -> Path:
     """Write ``src`` as the GGUF file ``dst`` (plus ``dst.Modelfile``) and return ``dst``.
 
-    outtype: f32 (default; exact), f16, bf16 or q8_0 (1-D tensors and the MoE router stay f32;
-    a matrix whose rows q8_0 cannot block falls back to f16); ``dtype`` is the same choice in
+    outtype: f32 (default; exact), f16, bf16, q8_0 or q4_0 (1-D tensors and the MoE router stay
+    f32; a matrix whose rows the block size does not divide falls back to f16); ``dtype`` is the same choice in
     torch's names. tokenizer: a folder (default: beside the weights or upstream's ``model/``).
     lora: an upstream LoRA file merged (``W + B @ A``) first. overrides: ModelConfig fields (e.g.
     top-k, ``inference_rope_scaling=True`` to write YaRN). Existing files need ``force=True``;
@@ -121,7 +122,7 @@ def convert(src: str | Path, dst: str | Path, *, outtype: str | None = None,
             fallbacks = 0
             for name, tensor, arr in gguf_arch.gguf_tensors(config, weights):
                 data, qtype = _encode(gguf, arr, kind, tensor in gguf_arch.F32_TENSORS)
-                fallbacks += kind == "q8_0" and qtype == gguf.GGMLQuantizationType.F16
+                fallbacks += kind in BLOCKED and qtype == gguf.GGMLQuantizationType.F16
                 writer.add_tensor(name, data, raw_dtype=qtype)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
@@ -152,8 +153,9 @@ def _write_metadata(writer: Any, gguf: Any, config: ModelConfig, kind: str, *, n
     writer.add_name(name)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
-    if kind == "q8_0":
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                          "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[kind])
+    if kind in BLOCKED:
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     # provenance, as the ``minimind`` block of our other converters' config.json
     writer.add_string("minimind.converter",
@@ -172,11 +174,13 @@ def _encode(gguf: Any, arr: np.ndarray, kind: str, keep_f32: bool) -> tuple[np.n
     Q = gguf.GGMLQuantizationType
     if arr.ndim == 1 or keep_f32 or kind == "f32":
         return arr.astype(np.float32), Q.F32
-    if kind == "q8_0" and arr.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0] == 0:
-        return gguf.quants.quantize(arr, Q.Q8_0), Q.Q8_0
+    if kind in BLOCKED:
+        qtype = getattr(Q, BLOCKED[kind])
+        if arr.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
+            return gguf.quants.quantize(arr, qtype), qtype
     if kind == "bf16":
         return gguf.quants.quantize(arr, Q.BF16), Q.BF16
-    return arr.astype(np.float16), Q.F16  # f16, and q8_0's fallback (as convert_hf_to_gguf.py)
+    return arr.astype(np.float16), Q.F16  # f16, and the blocks' fallback (as convert_hf_to_gguf.py)
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -189,7 +193,7 @@ def configure_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
                     "folder) into one GGUF file for llama.cpp and Ollama, with a Modelfile.")
     add_converter_args(parser, "the .gguf file to write (OUT.Modelfile is written beside it)")
     parser.add_argument("--outtype", default="f32", choices=OUTTYPES,
-                        help="f32 (exact, the default), f16, bf16 or q8_0")
+                        help="f32 (exact, the default), f16, bf16, q8_0 or q4_0")
     return parser
 
 

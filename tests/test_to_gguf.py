@@ -200,7 +200,8 @@ def test_pre_tokenizers_llama_cpp_has_and_one_it_has_not(make_checkpoint, tmp_pa
     assert not (tmp_path / "m.gguf").exists()
 
 
-@pytest.mark.parametrize("outtype, matrix", [("f16", "F16"), ("bf16", "BF16"), ("q8_0", "Q8_0")])
+@pytest.mark.parametrize("outtype, matrix", [("f16", "F16"), ("bf16", "BF16"), ("q8_0", "Q8_0"),
+                                             ("q4_0", "Q4_0")])
 def test_outtypes_keep_norms_and_router_f32(make_checkpoint, tmp_path, outtype, matrix):
     path, config, weights = make_checkpoint("minimind3-moe")
     reader = gguf.GGUFReader(_export(path, config, tmp_path / "m.gguf", outtype=outtype))
@@ -210,12 +211,12 @@ def test_outtypes_keep_norms_and_router_f32(make_checkpoint, tmp_path, outtype, 
     assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"
     assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
     assert tensors["output_norm.weight"].tensor_type.name == "F32"
-    file_type = {"f16": 1, "bf16": 32, "q8_0": 7}[outtype]
+    file_type = {"f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2}[outtype]
     assert _fields(reader)["general.file_type"] == file_type
     # the values round-trip through gguf-py's own dequantizer within the type's precision
     t = tensors["blk.0.attn_q.weight"]
     back = gguf.quants.dequantize(t.data, t.tensor_type).reshape(128, 128)
-    tol = {"f16": 1e-3, "bf16": 1e-2, "q8_0": 1e-2}[outtype]
+    tol = {"f16": 1e-3, "bf16": 1e-2, "q8_0": 1e-2, "q4_0": 1e-2}[outtype]
     assert np.abs(back - weights["model.layers.0.self_attn.q_proj.weight"]).max() <= tol
 
 

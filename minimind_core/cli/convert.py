@@ -52,7 +52,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--q-group-size", type=int, default=None, metavar="N",
                         help="mlx: quantization group size (default 64)")
     parser.add_argument("--dtype", default=None, help="float16, bfloat16 or float32")
-    parser.add_argument("--outtype", default=None, help="gguf: f32, f16, bf16 or q8_0")
+    parser.add_argument("--outtype", default=None, help="gguf: f32, f16, bf16, q8_0 or q4_0")
     parser.add_argument("--tokenizer", default=None, metavar="DIR",
                         help="tokenizer folder (default: beside SRC or upstream's ../model)")
     parser.add_argument("--lora", default=None, metavar="PATH",
