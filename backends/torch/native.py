@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -73,16 +74,23 @@ def supported(model: MiniMindForCausalLM, device: torch.device, dtype: torch.dty
 
 
 def _mm(weight: torch.Tensor, quant=None):
-    """``f(x, out)``: out = x @ weight^T into the preallocated ``out`` — torch's matmul (MKL)
-    for a float weight, the int8/int4 kernels (``quant.QuantWeight``) for a quantized one."""
+    """``bind(x, out)`` -> a call without arguments computing out = x @ weight^T into the
+    preallocated ``out``: torch's matmul (MKL) for a float weight, the int8/int4 kernels
+    (``quant.QuantWeight.bind``) for a quantized one."""
     if quant is not None:
-        return quant.mm
+        return quant.bind
     wt = weight.t()
+    return lambda x, out: partial(torch.mm, x, wt, out=out)
 
-    def mm(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return torch.mm(x, wt, out=out)
 
-    return mm
+def _checked(attend) -> None:
+    if attend():
+        raise ValueError("native attention refused its arguments (a slot or position outside "
+                         "the cache or the RoPE table, or the head size)")
+
+
+def _moe(moe, xn: torch.Tensor, delta: torch.Tensor) -> None:
+    delta.copy_(moe(xn[:, None]).view(delta.shape))
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -140,44 +148,53 @@ class NativeStep:
         self.norms = [w.data_ptr() for w in norms[1:]] + [model.model.norm.weight.data_ptr()]
         self.first_norm = norms[0].data_ptr()
         self.embed = model.model.embed_tokens.weight
+        self._plans: dict[int, list] = {}
         self.head = _mm(model.lm_head.weight, getattr(model, "quant", {}).get("embed"))
+
+    def _plan(self, b: int) -> list:
+        """The step for ``b`` rows as a list of calls without arguments, built once per batch
+        size: every buffer view, pointer and bound matrix product fixed (at batch 1 the Python
+        between two products is a few microseconds, which int8 products make worth saving)."""
+        plan = self._plans.get(b)
+        if plan is not None:
+            return plan
+        lib, eps, n, cache = self.lib, self.eps, self.hidden, self.cache
+        h, kv, d = self.shape
+        x, xn, delta = self.x[:b], self.xn[:b], self.delta[:b]
+        qkv, att, h13, act = self.qkv[:b], self.att[:b], self.h13[:b], self.act[:b]
+        xp, xnp, dp = x.data_ptr(), xn.data_ptr(), delta.data_ptr()
+        plan = [partial(lib.add_rms_norm, xp, None, xnp, self.first_norm, b, n, eps)]
+        for (wqkv, (kc, vc), wo, post_norm, w13, down, qk_w), next_norm in zip(self.layers,
+                                                                            self.norms):
+            attend = partial(lib.attend, qkv.data_ptr(), att.data_ptr(), kc, vc,
+                             self.cos.data_ptr(), self.sin.data_ptr(),
+                             qk_w.data_ptr() if qk_w is not None else None, eps,
+                             self.slots.data_ptr(), self.positions.data_ptr(), b, h, kv, d,
+                             cache.max_len + 1, cache.slots, self.cos.shape[0],
+                             self.scores.data_ptr())
+            plan += [wqkv(xn, qkv), partial(_checked, attend), wo(att, delta),
+                     partial(lib.add_rms_norm, xp, dp, xnp, post_norm, b, n, eps)]
+            if w13 is not None:
+                plan += [w13(xn, h13), partial(lib.silu_mul, act.data_ptr(), h13.data_ptr(), b,
+                                               act.shape[1]), down(act, delta)]
+            else:  # MoE: routing and experts stay in torch
+                plan.append(partial(_moe, down, xn, delta))
+            plan.append(partial(lib.add_rms_norm, xp, dp, xnp, next_norm, b, n, eps))
+        plan.append(self.head(xn, self.logits[:b]))
+        self._plans[b] = plan
+        return plan
 
     def __call__(self, slots: np.ndarray, positions: np.ndarray, tokens: np.ndarray
                  ) -> torch.Tensor:
         """Logits [rows, vocab] for ``tokens`` at ``positions`` of ``slots`` (writes the cache)."""
-        lib, eps, n, cache = self.lib, self.eps, self.hidden, self.cache
         b = len(slots)
-        if not 0 < b <= cache.slots or len(positions) != b or len(tokens) != b:
+        if not 0 < b <= self.cache.slots or len(positions) != b or len(tokens) != b:
             raise ValueError(f"native step: {b} rows ({len(positions)} positions, {len(tokens)} "
-                             f"tokens) for a cache of {cache.slots} slots")
-        x, xn, delta = self.x[:b], self.xn[:b], self.delta[:b]
-        qkv, att, h13, act = self.qkv[:b], self.att[:b], self.h13[:b], self.act[:b]
-        xp, xnp, dp = x.data_ptr(), xn.data_ptr(), delta.data_ptr()
+                             f"tokens) for a cache of {self.cache.slots} slots")
         self.slots[:b] = torch.from_numpy(np.asarray(slots, dtype=np.int64))
         self.positions[:b] = torch.from_numpy(np.asarray(positions, dtype=np.int64))
-        h, kv, d = self.shape
         ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64).reshape(-1))
-        torch.index_select(self.embed, 0, ids, out=x)
-        lib.add_rms_norm(xp, None, xnp, self.first_norm, b, n, eps)
-        for (wqkv, (kc, vc), wo, post_norm, w13, down, qk_w), next_norm in zip(self.layers,
-                                                                            self.norms):
-            wqkv(xn, qkv)
-            if lib.attend(qkv.data_ptr(), att.data_ptr(), kc, vc, self.cos.data_ptr(),
-                          self.sin.data_ptr(), qk_w.data_ptr() if qk_w is not None else None,
-                          eps, self.slots.data_ptr(), self.positions.data_ptr(), b, h, kv, d,
-                          cache.max_len + 1, cache.slots, self.cos.shape[0],
-                          self.scores.data_ptr()):
-                raise ValueError("native attention refused its arguments (a slot or position "
-                                 "outside the cache or the RoPE table, or the head size)")
-            wo(att, delta)
-            lib.add_rms_norm(xp, dp, xnp, post_norm, b, n, eps)
-            if w13 is not None:
-                w13(xn, h13)
-                lib.silu_mul(act.data_ptr(), h13.data_ptr(), b, act.shape[1])
-                down(act, delta)
-            else:  # MoE: routing and experts stay in torch
-                delta.copy_(down(xn[:, None]).view(b, n))
-            lib.add_rms_norm(xp, dp, xnp, next_norm, b, n, eps)
-        logits = self.logits[:b]
-        self.head(xn, logits)
-        return logits.clone()  # the buffer is rewritten by the next step
+        torch.index_select(self.embed, 0, ids, out=self.x[:b])
+        for call in self._plan(b):
+            call()
+        return self.logits[:b].clone()  # the buffer is rewritten by the next step
