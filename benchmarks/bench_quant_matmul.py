@@ -101,29 +101,31 @@ def bench_model(model: str, batch: int, threads: int, a: argparse.Namespace) -> 
     single repeated matrix would) and one for a whole token's products in decode order."""
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
-    per_layer, token = {}, {impl: [] for impl in IMPLS}
+    impls = [k for k in IMPLS if k != "int8pack" or a.int8pack]
+    per_layer, token = {}, {impl: [] for impl in impls}
     for name, i, o, count in layers(model):
         x = torch.randn(batch, i, generator=gen)
         copies = [make_calls(torch.randn(o, i, generator=gen) * 0.02, x, threads, a.group)
                   for _ in range(max(count, a.copies))]
         per_layer[name] = (i, o, copies)
-        for impl in IMPLS:
+        for impl in impls:
             token[impl].append([c[impl][0] for c in copies[:count]])
     for name, (i, o, copies) in per_layer.items():
-        t = measure({impl: sequence([c[impl][0] for c in copies]) for impl in IMPLS},
+        t = measure({impl: sequence([c[impl][0] for c in copies]) for impl in impls},
                     a.repeats, a.block_ms / 1e3)
         t = {impl: v / len(copies) for impl, v in t.items()}
         gbs = {k: copies[0][k][1] / t[k] / 1e9 for k in ("fp32", "int8", "int4")}
-        print(row([model, name, f"{i}→{o}", batch, threads, *(f"{t[k] * 1e6:.1f}" for k in IMPLS),
+        print(row([model, name, f"{i}→{o}", batch, threads,
+                   *(f"{t[k] * 1e6:.1f}" if k in t else "–" for k in IMPLS),
                    f"{t['fp32'] / t['int8']:.2f}", f"{t['fp32'] / t['int4']:.2f}",
                    *(f"{gbs[k]:.1f}" for k in ("fp32", "int8", "int4"))]), flush=True)
     n = len(token["fp32"][0])  # layers: qkv, o, gate+up, down of each, then the head
     steps = {impl: sequence([c for layer in range(n) for c in (token[impl][0][layer],
                              token[impl][1][layer], token[impl][2][layer],
-                             token[impl][3][layer])] + token[impl][4]) for impl in IMPLS}
+                             token[impl][3][layer])] + token[impl][4]) for impl in impls}
     t = measure(steps, a.repeats, 2 * a.block_ms / 1e3)
     print(row([model, "**one token**", f"{n} layers + head", batch, threads,
-               *(f"**{t[k] * 1e6:.0f}**" for k in IMPLS),
+               *(f"**{t[k] * 1e6:.0f}**" if k in t else "–" for k in IMPLS),
                f"**{t['fp32'] / t['int8']:.2f}**", f"**{t['fp32'] / t['int4']:.2f}**",
                "", "", ""]), flush=True)
 
@@ -137,6 +139,8 @@ def main() -> None:
                     help="int8/int4 group size (32: llama.cpp's q8_0/q4_0 blocks)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--block-ms", type=float, default=20.0, help="time per timed block")
+    ap.add_argument("--no-int8pack", dest="int8pack", action="store_false",
+                    help="leave out torch._weight_int8pack_mm (slow at batch 16)")
     ap.add_argument("--copies", type=int, default=8,
                     help="distinct weights a layer row cycles through (the head too)")
     a = ap.parse_args()
