@@ -314,6 +314,11 @@ def test_bench_on_a_real_model(capsys, make_checkpoint):
     assert code == 0
     table = [line for line in out.splitlines() if line.startswith("|")]
     assert len(table) == 4 and table[2].startswith("| 1 | 8 |") and table[3].startswith("| 2 | 8 |")
+    code, out, _ = run(capsys, "bench", "-m", path, "--prompt-tokens", "8", "--gen-tokens", "3",
+                       "--batch", "1", "--quant-rows")
+    assert code == 0
+    weights = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")][1:]
+    assert weights == ["float32", "int8 (group 32)", "int4 (group 32)"]
 
 
 @needs_torch

@@ -76,14 +76,22 @@ def bench(engine: Engine, batch_sizes: tuple[int, ...] = (1, 8), prompt_tokens: 
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A markdown table of ``bench`` rows."""
-    lines = ["| batch | prompt tokens | prefill tok/s | time to first token | decode tok/s | "
-             "decode tok/s per sequence |", "|---:|---:|---:|---:|---:|---:|"]
+    """A markdown table of ``bench`` rows (with a weights column when rows carry one)."""
+    weights = any("weights" in r for r in rows)
+    lines = [("| weights " if weights else "") + "| batch | prompt tokens | prefill tok/s | "
+             "time to first token | decode tok/s | decode tok/s per sequence |",
+             ("|---" if weights else "") + "|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['prompt_tokens']} | {r['prefill_tokens_per_second']:.0f} | "
+        lines.append((f"| {r['weights']} " if weights else "") +
+                     f"| {r['batch']} | {r['prompt_tokens']} | {r['prefill_tokens_per_second']:.0f} | "
                      f"{r['time_to_first_token'] * 1000:.1f} ms | {r['decode_tokens_per_second']:.1f} | "
                      f"{r['decode_tokens_per_second_per_sequence']:.1f} |")
     return "\n".join(lines)
+
+
+def _weights(desc: dict[str, Any]) -> str:
+    q = desc.get("quantization")
+    return f"int{q['bits']} (group {q['group_size']})" if q else str(desc.get("dtype"))
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +104,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                    help="tokens decoded per sequence (default 64)")
     g.add_argument("--seed", type=common.seed, default=0, help="seed of the random prompts")
     g.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    g.add_argument("--quant-rows", action="store_true",
+                   help="also load the model quantized to int8 and int4 (--q-bits 8 / 4, group "
+                        "--q-group-size or 32) and print their rows next to full precision")
     common.add_model_args(parser)
 
 
@@ -106,6 +117,15 @@ def main(args: argparse.Namespace) -> int:
     sizes = (1,) if args.batch == 1 else (1, args.batch)
     rows = bench(engine, sizes, args.prompt_tokens, args.gen_tokens, args.seed)
     desc = engine.describe()
+    if args.quant_rows:
+        for r in rows:
+            r["weights"] = _weights(desc)
+        for bits in (8, 4):
+            quantized = common.load_engine(argparse.Namespace(
+                **{**vars(args), "q_bits": bits, "q_group_size": args.q_group_size or 32}))
+            for r in bench(quantized, sizes, args.prompt_tokens, args.gen_tokens, args.seed):
+                rows.append({**r, "weights": _weights(quantized.describe())})
+            del quantized
     if args.json:
         print(json.dumps({"model": desc, "load_seconds": load_s, "results": rows}, default=str))
         return 0
