@@ -23,7 +23,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -378,24 +378,15 @@ def atomic_dir(dst: str | Path, force: bool = False, writer: str = "") -> Iterat
     renamed into place. On any error, Ctrl-C, SIGTERM or SIGHUP the temporary folder is removed
     and ``dst`` is left as it was; a failed write becomes a WriteError naming ``dst``.
     """
-    target, existed = _prepare(dst, force, folder=True)
-    with handle_signals():
-        tmp = _temp_name(target, "tmp")
-        try:
-            os.mkdir(tmp)  # 0777 less the umask: the result is for everyone, as any new folder
-        except OSError as e:
-            raise _write_error(e, target, existed) or e from None
-        try:
-            yield tmp
-            write_manifest(tmp, writer)
-            _fsync_tree(tmp)
-            _swap(tmp, target)
-        except BaseException as e:
-            _remove(tmp)
-            err = _write_error(e, target, existed)
-            if err is not None:
-                raise err from None
-            raise
+    def make(tmp: Path) -> None:
+        os.mkdir(tmp)  # 0777 less the umask: the result is for everyone, as any new folder
+
+    def finish(tmp: Path) -> None:
+        write_manifest(tmp, writer)
+        _fsync_tree(tmp)
+
+    with _atomic(dst, force, True, make, finish) as tmp:
+        yield tmp
 
 
 @contextlib.contextmanager
@@ -403,16 +394,29 @@ def atomic_file(dst: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary file path beside ``dst`` (the file exists, empty); on success it
     replaces ``dst`` in one rename. The same guarantees as ``atomic_dir`` (no manifest: a file
     writer may replace any regular file the user names with ``force``)."""
-    target, existed = _prepare(dst, force, folder=False)
+    def make(tmp: Path) -> None:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+    with _atomic(dst, force, False, make, _fsync) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _atomic(dst: str | Path, force: bool, folder: bool, make: Callable[[Path], None],
+            finish: Callable[[Path], None]) -> Iterator[Path]:
+    """What both atomic writers share: the destination checks, a temporary sibling made by
+    ``make``, ``finish`` (manifest, fsync) and the rename, under the signal handlers; any
+    failure removes the temporary and becomes a WriteError naming ``dst`` where it is one."""
+    target, existed = _prepare(dst, force, folder=folder)
     with handle_signals():
         tmp = _temp_name(target, "tmp")
         try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            make(tmp)
         except OSError as e:
             raise _write_error(e, target, existed) or e from None
         try:
             yield tmp
-            _fsync(tmp)
+            finish(tmp)
             _swap(tmp, target)
         except BaseException as e:
             _remove(tmp)
