@@ -1,37 +1,32 @@
-"""The OpenAI-compatible server's own cost: the same generations through the Engine and over HTTP.
+"""``minimind serve`` under load: continuous batching and the prefix cache, measured over HTTP.
 
-    python benchmarks/bench_server.py              # the demo model if built, else a tiny random one
-    python benchmarks/bench_server.py --random     # always the tiny random model
-    python benchmarks/bench_server.py --tokens 1024 --threads 2
+    python benchmarks/bench_server.py                    # the demo model and a MiniMind-3 shape
+    python benchmarks/bench_server.py --tokens 64 --threads 2
+    python benchmarks/bench_server.py --models minimind-3 --turns 10
 
-Everything runs in this one process on 127.0.0.1: uvicorn in a background thread, the clients
-(the ``openai`` package) in the main thread or in client threads. So the client's SSE parsing
-shares the GIL and the cores with the server: the "server cost" figures are an upper bound for
-a client in another process. Prints a markdown table:
+For each model (the embedded demo, and random float32 weights of the released MiniMind-3 shape,
+768 x 8 layers, 64M), one server in this process (uvicorn in a thread, default scheduler
+settings: --max-num-seqs 16) and client threads streaming /v1/completions with a fixed prompt
+and ``max_tokens``. Prints markdown tables:
 
-1. N streamed tokens: ``engine.stream_chat`` vs the same chat request over SSE — tokens/s both
-   ways and the server's cost per streamed token (µs).
-2. Non-streaming latency of a max_tokens=1 request (median of 20 on one keep-alive connection)
-   vs ``engine.chat`` with max_new_tokens=1.
-3. 16 concurrent streaming clients (threads), max_tokens=32 each: wall time, aggregate tokens/s,
-   errors (the server generates one request at a time, so this measures queueing, not batching).
-4. A client that disconnects after 5 chunks of a max_tokens=2000 stream: how many tokens the
-   engine generated after the connection closed, counted by wrapping the engine's token loop
-   (``Engine._sample``, one count per token the token loop drew).
+1. concurrency 1, 4, 16, 64 (and the same 16 requests one after another) -> aggregate tok/s
+   (completion tokens from ``usage`` / wall time), p50 / p99 over the clients of the time to
+   first token and of the inter-token latency (a stream's mean gap between text chunks).
+2. a 20-turn chat replayed through /v1/chat/completions, each turn's TTFT with the prefix cache
+   and on a second server started with ``prefix_cache_mb=0`` (``--no-prefix-cache``): with the
+   cache each turn prefills only its new tokens.
 
-Token counts are the server's ``usage.completion_tokens`` / the engine's final-chunk usage, never
-the number of SSE chunks (one chunk may carry several tokens when a UTF-8 character spans them).
-A benchmark, not a test: bounded loops, ends by itself in about a minute.
+The clients share the process (and the GIL) with the server, so the figures are a lower bound
+for clients elsewhere. Bounded: every request has a token cap; ends by itself in a few minutes.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import json
+import logging
 import os
 import platform
-import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -40,314 +35,197 @@ from pathlib import Path
 
 import harness
 
-from minimind_core.params import SamplingParams
-
-PROMPTS = ["你好", "Tell me a long story about the sea.", "1+2=?", "介绍一下你自己"]
+PROMPT = "Tell me a long story about the sea, the ships and the people who sail them."
 MODEL_ID = "bench"
+LEVELS = (1, 4, 16, 64)
 
 
-# -- the model and the server -----------------------------------------------------------------
-
-
-def load_engine(force_random: bool):
-    """The embedded demo model when it is built, else a tiny random MiniMind-3 checkpoint of the
-    demo's shape (hidden 96, 3 layers, 4 heads / 2 kv heads) with an upstream tokenizer."""
+def load_engine(name: str):
+    """``demo``: the embedded demo model; otherwise random weights of a harness shape."""
     import minimind_core
-    from minimind_core.config import MINIMIND3, ModelConfig
     from minimind_core.demo import DEMO_DIR
 
-    if not force_random and (DEMO_DIR / "model.safetensors").is_file():
-        return minimind_core.load(), "embedded demo model"
+    if name == "demo":
+        if not (DEMO_DIR / "model.safetensors").is_file():
+            return None, "demo (not built)"
+        return minimind_core.load(backend="torch", dtype="float32"), "embedded demo model"
     from safetensors.numpy import save_file
 
-    shared_m3 = harness.ROOT.parent / "shared" / "minimind-tokenizers" / "minimind3"
-    tok = shared_m3 if (shared_m3 / "tokenizer.json").is_file() else harness.tokenizer_dir()
-    config = ModelConfig.for_generation(MINIMIND3, 96, 3, num_attention_heads=4,
-                                        num_key_value_heads=2, head_dim=24)
+    config = harness.config_for(name)
     path = Path(tempfile.mkdtemp(prefix="bench_server_")) / "random.safetensors"
     save_file(harness.random_state(config), str(path))
-    return minimind_core.load(path, backend="torch", tokenizer=tok), (
-        f"random {config.kind} hidden {config.hidden_size} x {config.num_hidden_layers} layers "
-        f"(tokenizer {Path(tok).name})")
+    engine = minimind_core.load(path, backend="torch", dtype="float32",
+                                tokenizer=harness.tokenizer_dir())
+    return engine, f"random {name} ({config.hidden_size} x {config.num_hidden_layers})"
 
 
 @dataclass
-class Generation:
+class Result:
+    """One streamed request: when it started, when each text chunk came, tokens from usage."""
+
+    start: float = 0.0
+    chunks: list[float] = field(default_factory=list)
     tokens: int = 0
-    closed: threading.Event = field(default_factory=threading.Event)
-
-
-class TokenCounter:
-    """Counts every token the engine's token loop draws, per generation (one per prefilled row),
-    and notes when the row's cache slot is freed (the generation really stopped)."""
-
-    def __init__(self, engine) -> None:
-        self.generations: list[Generation] = []
-        by_slot: dict[int, Generation] = {}
-        prefill, sample, new_cache = engine._prefill, engine._sample, engine._new_cache
-
-        def counted_prefill(cache, slot, ids):
-            by_slot[slot] = gen = Generation()
-            self.generations.append(gen)
-            return prefill(cache, slot, ids)
-
-        def counted_sample(logits, rows):
-            for row in rows:
-                by_slot[row.slot].tokens += 1
-            return sample(logits, rows)
-
-        def watched_cache(slots, max_len):
-            cache = new_cache(slots, max_len)
-            free = cache.free
-
-            def freed(slot):
-                free(slot)
-                by_slot[slot].closed.set()
-
-            cache.free = freed
-            return cache
-
-        engine._prefill, engine._sample = counted_prefill, counted_sample
-        engine._new_cache, engine._cache = watched_cache, None  # the instance attributes win
-
-
-# -- measurements -----------------------------------------------------------------------------
-
-
-@dataclass
-class Request:
-    """One chat request, as sampling parameters both the engine and the server understand."""
-
-    prompt: str
-    temperature: float
-    seed: int | None
-    max_tokens: int
+    error: str | None = None
 
     @property
-    def messages(self) -> list[dict]:
-        return [{"role": "user", "content": self.prompt}]
+    def ttft(self) -> float | None:
+        return self.chunks[0] - self.start if self.chunks else None
 
-    def params(self) -> SamplingParams:
-        return SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature,
-                              top_p=1.0, seed=self.seed)
-
-    def body(self) -> dict:
-        return {"model": MODEL_ID, "messages": self.messages, "max_tokens": self.max_tokens,
-                "temperature": self.temperature, "top_p": 1.0, "seed": self.seed}
-
-
-def direct_stream(engine, req: Request) -> tuple[float, int]:
-    """Seconds and completion tokens of one ``engine.stream_chat`` run, read to the end."""
-    t = time.perf_counter()
-    tokens = 0
-    for chunk in engine.stream_chat(req.messages, req.params()):
-        if chunk.finish_reason is not None:
-            tokens = chunk.usage.completion_tokens
-    return time.perf_counter() - t, tokens
+    @property
+    def itl(self) -> float | None:
+        """Mean time between two text chunks of this stream (the client reads chunks in
+        bursts, so single gaps say more about its thread than about the server)."""
+        if len(self.chunks) < 2:
+            return None
+        return (self.chunks[-1] - self.chunks[0]) / (len(self.chunks) - 1)
 
 
-def http_stream(client, req: Request) -> tuple[float, int]:
-    """Seconds and ``usage.completion_tokens`` of the same request over SSE, read to [DONE]."""
-    t = time.perf_counter()
-    tokens = 0
-    stream = client.chat.completions.create(**req.body(), stream=True,
-                                            stream_options={"include_usage": True})
-    for chunk in stream:
-        if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
-    return time.perf_counter() - t, tokens
+def stream(http, path: str, body: dict) -> Result:
+    """POST a streaming request and time its SSE chunks."""
+    res = Result(start=time.perf_counter())
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    try:
+        with http.stream("POST", path, json=body) as r:
+            if r.status_code != 200:
+                res.error = f"HTTP {r.status_code}"
+                r.read()
+                return res
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                for c in event.get("choices", []):
+                    if c.get("text") or (c.get("delta") or {}).get("content"):
+                        res.chunks.append(time.perf_counter())
+                if event.get("usage"):
+                    res.tokens = event["usage"]["completion_tokens"]
+    except Exception as e:  # a benchmark reports errors, it does not stop on them
+        res.error = f"{type(e).__name__}: {e}"
+    return res
 
 
-def pick_long_request(engine, n: int) -> Request:
-    """A request that streams as close to ``n`` tokens as the model will: greedy first, then
-    seeded sampling at temperature 1 (a trained model soon says eos; a random one never does)."""
-    best: tuple[int, Request] | None = None
-    for temperature, seed in [(0.0, None)] + [(1.0, s) for s in range(4)]:
-        for prompt in PROMPTS[:2] if temperature else PROMPTS:
-            req = Request(prompt, temperature, seed, n)
-            _, tokens = direct_stream(engine, req)
-            if best is None or tokens > best[0]:
-                best = (tokens, req)
-            if tokens >= n:
-                return req
-    return best[1]
+def run_clients(url: str, n: int, tokens: int, sequential: bool = False
+                ) -> tuple[float, list[Result]]:
+    import httpx
+
+    body = {"model": MODEL_ID, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0}
+    results: list[Result] = [Result() for _ in range(n)]
+
+    def client(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=600) as http:
+            results[i] = stream(http, "/v1/completions", body)
+
+    t0 = time.perf_counter()
+    if sequential:
+        for i in range(n):
+            client(i)
+    else:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return time.perf_counter() - t0, results
 
 
-def row_stream(engine, client, n: int, rounds: int) -> dict:
-    req = pick_long_request(engine, n)
-    _, per_request = direct_stream(engine, req)
-    repeat = max(1, min(20, math.ceil(n / max(per_request, 1))))  # short replies: send several
-    direct_t, http_t, mismatch = [], [], 0
-    for _ in range(rounds):  # interleaved so machine load drifts hit both sides alike
-        d = [direct_stream(engine, req) for _ in range(repeat)]
-        h = [http_stream(client, req) for _ in range(repeat)]
-        mismatch += sum(a[1] != b[1] for a, b in zip(d, h))
-        direct_t.append(sum(x[0] for x in d))
-        http_t.append(sum(x[0] for x in h))
-    tokens = per_request * repeat
-    td, th = statistics.median(direct_t), statistics.median(http_t)
-    return {"req": req, "tokens": tokens, "repeat": repeat, "direct_tps": tokens / td,
-            "http_tps": tokens / th, "overhead_us": (th - td) / tokens * 1e6,
-            "mismatch": mismatch, "rounds": rounds}
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def row_latency(engine, client, n: int = 20) -> dict:
-    req = Request(PROMPTS[0], 0.0, None, 1)
-    for _ in range(2):  # warm the connection and the engine
-        client.chat.completions.create(**req.body())
-    direct, http = [], []
-    for _ in range(n):
-        t = time.perf_counter()
-        engine.chat(req.messages, req.params())
-        direct.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        r = client.chat.completions.create(**req.body())
-        http.append(time.perf_counter() - t)
-        assert r.usage.completion_tokens == 1, r.usage
-    return {"direct_ms": statistics.median(direct) * 1e3, "http_ms": statistics.median(http) * 1e3,
-            "http_p90_ms": statistics.quantiles(http, n=10)[-1] * 1e3, "n": n}
+def concurrency_rows(url: str, tokens: int) -> list[str]:
+    run_clients(url, 2, 4)  # warm-up: first-call costs are not what is measured
+    rows = []
+    for label, n, seq in [*[(str(c), c, False) for c in LEVELS], ("16 one by one", 16, True)]:
+        wall, results = run_clients(url, n, tokens, sequential=seq)
+        ok = [r for r in results if r.error is None]
+        total = sum(r.tokens for r in ok)
+        ttft = [r.ttft for r in ok if r.ttft is not None]
+        gaps = [r.itl for r in ok if r.itl is not None]
+        rows.append(f"| {label} | {total / wall:.1f} | {1e3 * pct(ttft, .5):.0f} | "
+                    f"{1e3 * pct(ttft, .99):.0f} | {1e3 * pct(gaps, .5):.1f} | "
+                    f"{1e3 * pct(gaps, .99):.1f} | {total} | {len(results) - len(ok)} |")
+    return rows
 
 
-def row_concurrent(client, clients: int = 16, max_tokens: int = 32) -> dict:
-    results: list[tuple[int, float] | None] = [None] * clients
-    errors: list[str] = []
-    barrier = threading.Barrier(clients + 1)
+def chat_ttfts(url: str, turns: int, reply_tokens: int) -> list[float]:
+    """TTFT of each turn of one chat whose history grows by the server's own replies."""
+    import httpx
 
-    def one(i: int) -> None:
-        barrier.wait()
-        t = time.perf_counter()
-        try:
-            # different seeds: 16 different replies, as from 16 users
-            tokens = http_stream(client, Request(PROMPTS[i % len(PROMPTS)], 1.0, i,
-                                                 max_tokens))[1]
-            if tokens == 0:
-                raise RuntimeError("no usage chunk")
-            results[i] = (tokens, time.perf_counter() - t)
-        except Exception as e:  # counted, not raised: the row reports errors
-            errors.append(f"{type(e).__name__}: {e}")
-
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(clients)]
-    for th in threads:
-        th.start()
-    barrier.wait()
-    t = time.perf_counter()
-    for th in threads:
-        th.join(120)
-    wall = time.perf_counter() - t
-    done = [r for r in results if r is not None]
-    tokens = sum(r[0] for r in done)
-    return {"clients": clients, "max_tokens": max_tokens, "wall_s": wall, "tokens": tokens,
-            "tps": tokens / wall, "errors": len(errors) + sum(th.is_alive() for th in threads),
-            "first_error": errors[0] if errors else "",
-            "slowest_s": max((r[1] for r in done), default=0.0)}
-
-
-def row_disconnect(engine, client, counter: TokenCounter, after_chunks: int = 5,
-                   max_tokens: int = 2000) -> dict:
-    req = pick_long_request(engine, 64)  # long-running: greedy on a random model, else sampled
-    req = Request(req.prompt, req.temperature, req.seed, max_tokens)
-    full = direct_stream(engine, req)[1]  # what the stream would have been, uninterrupted
-    stream = client.chat.completions.create(**req.body(), stream=True)
-    got = 0
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            got += 1
-            if got == after_chunks:
-                break
-    gen = counter.generations[-1]
-    at_close = gen.tokens
-    t = time.perf_counter()
-    stream.close()  # closes the HTTP response: the TCP connection goes away
-    stopped = gen.closed.wait(30)
-    return {"chunks": got, "at_close": at_close, "after": gen.tokens - at_close,
-            "stop_ms": (time.perf_counter() - t) * 1e3 if stopped else float("nan"),
-            "stopped": stopped, "full": full, "max_tokens": max_tokens}
-
-
-# -- report -----------------------------------------------------------------------------------
-
-
-def describe_req(req: Request) -> str:
-    how = "greedy" if not req.temperature else f"T={req.temperature:g} seed {req.seed}"
-    return f"{req.prompt!r}, {how}"
-
-
-def table(s: dict, lat: dict, con: dict, dis: dict) -> str:
-    rows = [
-        ("measurement", "engine direct", "over HTTP (openai client)", "server cost", "notes"),
-        (f"1. stream {s['tokens']} tokens (SSE)", f"{s['direct_tps']:.0f} tok/s",
-         f"{s['http_tps']:.0f} tok/s", f"{s['overhead_us']:.0f} µs/token",
-         f"{s['repeat']} request(s) of {s['tokens'] // s['repeat']} tokens, "
-         f"{describe_req(s['req'])}; median of {s['rounds']}; token-count mismatches "
-         f"engine vs server: {s['mismatch']}"),
-        ("2. non-stream, max_tokens=1", f"{lat['direct_ms']:.1f} ms", f"{lat['http_ms']:.1f} ms",
-         f"{lat['http_ms'] - lat['direct_ms']:.1f} ms/request",
-         f"median of {lat['n']} on one keep-alive connection; HTTP p90 "
-         f"{lat['http_p90_ms']:.1f} ms"),
-        (f"3. {con['clients']} concurrent streams, max_tokens={con['max_tokens']}", "—",
-         f"{con['tps']:.0f} tok/s aggregate", f"errors: {con['errors']}",
-         f"{con['tokens']} tokens in {con['wall_s']:.2f} s wall; slowest client "
-         f"{con['slowest_s']:.2f} s (one generation at a time, the rest queue)"
-         + (f"; first error: {con['first_error']}" if con["first_error"] else "")),
-        (f"4. disconnect after {dis['chunks']} chunks, max_tokens={dis['max_tokens']}",
-         f"{dis['full']} tokens uninterrupted",
-         f"{dis['after']} token(s) generated after the disconnect",
-         f"stopped in {dis['stop_ms']:.0f} ms" if dis["stopped"] else "did NOT stop in 30 s",
-         f"the engine had produced {dis['at_close']} tokens when the client closed "
-         f"(counted in Engine._sample)"),
-    ]
-    lines = ["| " + " | ".join(r) + " |" for r in rows]
-    lines.insert(1, "|" + "---|" * len(rows[0]))
-    return "\n".join(lines)
+    messages: list[dict] = []
+    out = []
+    with httpx.Client(base_url=url, timeout=600) as http:
+        for turn in range(turns):
+            messages.append({"role": "user", "content": f"Turn {turn + 1}: {PROMPT}"})
+            body = {"model": MODEL_ID, "messages": messages, "max_tokens": reply_tokens,
+                    "temperature": 0}
+            res = stream(http, "/v1/chat/completions", body)
+            out.append(res.ttft if res.ttft is not None else float("nan"))
+            r = http.post("/v1/chat/completions", json=body).json()  # the reply text
+            messages.append({"role": "assistant",
+                             "content": r["choices"][0]["message"]["content"]})
+    return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--random", action="store_true", help="use the tiny random model even when "
-                                                         "the demo model is built")
-    p.add_argument("--tokens", type=int, default=512, help="tokens streamed in row 1")
-    p.add_argument("--rounds", type=int, default=5, help="repeats of row 1 (median)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the "
-                                                          "server and clients need the rest)")
+    p.add_argument("--models", nargs="+", default=["demo", "minimind-3"],
+                   help="'demo' and/or harness shapes (default: demo minimind-3)")
+    p.add_argument("--tokens", type=int, default=32, help="max_tokens per request")
+    p.add_argument("--turns", type=int, default=20, help="turns of the replayed chat")
+    p.add_argument("--reply-tokens", type=int, default=24, help="max_tokens per chat turn")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = p.parse_args()
 
-    import logging
-
-    import openai
     import torch
-    import uvicorn
 
+    from minimind_core.params import SamplingParams
     from minimind_core.server import BackgroundServer, create_app
 
-    torch.set_num_threads(a.threads)
-    # uvicorn's access log and the server's disconnect notes are not what is measured here
+    if a.threads:
+        torch.set_num_threads(a.threads)
     logging.getLogger("minimind_core.server").setLevel(logging.ERROR)
-    engine, what = load_engine(a.random)
-    counter = TokenCounter(engine)
-    # neutral defaults: every request below names its own sampling
-    app = create_app(engine, model_name=MODEL_ID, defaults=SamplingParams(max_new_tokens=256))
-    server = BackgroundServer(app).start()
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
-                           timeout=60)
-    t0 = time.perf_counter()
-    try:
-        stream = row_stream(engine, client, a.tokens, a.rounds)
-        latency = row_latency(engine, client)
-        concurrent = row_concurrent(client)
-        disconnect = row_disconnect(engine, client, counter)
-    finally:
-        client.close()
-        server.stop()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    print(f"\nServer benchmark — {platform.machine()} {platform.system()}, {cores} cores "
-          f"(load {load}), torch {torch.__version__} with {torch.get_num_threads()} thread(s) "
-          f"on {engine.info.get('device', 'cpu')}, Python {platform.python_version()}, uvicorn "
-          f"{uvicorn.__version__}, openai {openai.__version__}; model: {what}; server and "
-          f"clients in one process on 127.0.0.1; {time.perf_counter() - t0:.0f} s\n")
-    print(table(stream, latency, concurrent, disconnect))
-    return 0 if concurrent["errors"] == 0 and disconnect["stopped"] else 1
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"Server benchmark — {platform.machine()} {platform.system()}, {cores} cores (load "
+          f"{load}), torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32, "
+          f"max_tokens {a.tokens}, default scheduler (--max-num-seqs 16)\n")
+    t_all = time.perf_counter()
+    for name in a.models:
+        engine, what = load_engine(name)
+        print(f"## {what}\n")
+        if engine is None:
+            continue
+        defaults = SamplingParams(max_new_tokens=256)
+        cached = BackgroundServer(create_app(engine, model_name=MODEL_ID, defaults=defaults,
+                                             max_queue=256)).start()
+        try:
+            print("| concurrency | tok/s (all) | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
+                  "ITL p99 ms | tokens | errors |\n|---|---|---|---|---|---|---|---|")
+            print("\n".join(concurrency_rows(cached.url, a.tokens)), flush=True)
+            with_cache = chat_ttfts(cached.url, a.turns, a.reply_tokens)
+        finally:
+            cached.stop()
+        plain = BackgroundServer(create_app(engine, model_name=MODEL_ID, defaults=defaults,
+                                            prefix_cache_mb=0)).start()
+        try:
+            without = chat_ttfts(plain.url, a.turns, a.reply_tokens)
+        finally:
+            plain.stop()
+        print(f"\n{a.turns}-turn chat, TTFT per turn (ms):\n\n| turn | prefix cache | "
+              "--no-prefix-cache | ratio |\n|---|---|---|---|")
+        for i, (x, y) in enumerate(zip(with_cache, without)):
+            print(f"| {i + 1} | {1e3 * x:.1f} | {1e3 * y:.1f} | {x / y:.2f} |")
+        print(flush=True)
+    print(f"(total {time.perf_counter() - t_all:.0f} s; TTFT: request sent -> first text "
+          "chunk; ITL: a stream's mean gap between text chunks)")
+    print("(the no-cache turn has nothing to share, so it is also the 'same length, sharing "
+          "nothing' baseline for the cached one)")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

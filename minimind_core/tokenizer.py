@@ -295,14 +295,15 @@ class Tokenizer:
 
     # -- encode / decode -------------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for `text`, as `AutoTokenizer.from_pretrained(folder)(text)["input_ids"]`.
 
-        Special tokens written in the text (e.g. `<|im_start|>`) encode to their ids.
+        Special tokens written in the text (e.g. `<|im_start|>`) encode to their ids;
+        `add_special_tokens=False` leaves out what the post-processor adds (a BOS, if any).
         """
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        return self._backend.encode(text, add_special_tokens=True).ids
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: int | Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text for token ids, as transformers' `decode(ids, skip_special_tokens=...)`."""

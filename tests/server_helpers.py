@@ -113,12 +113,23 @@ class ScriptedEngine(Engine):
         else:
             self.generations.append(record)
         record["slot"] = slot
-        if reply is ENDLESS:
-            script = itertools.cycle(self.tokenizer.encode(" la"))
-        else:
-            script = itertools.chain(self.tokenizer.encode(reply), itertools.repeat(eos))
-        self.scripts[slot] = (script, record)
+        self.scripts[slot] = (self._script(reply, eos), record)
         return self._next(slot)
+
+    def _script(self, reply, eos):
+        if reply is ENDLESS:
+            return itertools.cycle(self.tokenizer.encode(" la"))
+        return itertools.chain(self.tokenizer.encode(reply), itertools.repeat(eos))
+
+    def _copy_prefix(self, cache, src, dst, n):
+        # a fork (n > 1): the twin plays the same script, its first token already drawn
+        self.slot_ids[dst] = list(self.slot_ids[src][:n])
+        text = self.tokenizer.decode(self.slot_ids[dst], skip_special_tokens=False)
+        record = {"prompt": text, "tokens": 1, "slot": dst}
+        self.generations.append(record)
+        script = self._script(self.reply_for(text), self.tokenizer.eos_token_id)
+        next(script)
+        self.scripts[dst] = (script, record)
 
     def _next(self, slot):
         if self.delay:

@@ -42,7 +42,8 @@ CHAT_ERRORS = [
     ({"messages": [{"role": "user", "content": 5}]}, 400, "messages", "content must be"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages",
      "only text parts"),
-    ({"messages": user("x"), "n": 2}, 400, "n", "n=1"),
+    ({"messages": user("x"), "n": 0}, 400, "n", "from 1 to"),
+    ({"messages": user("x"), "n": 17}, 400, "n", "--max-num-seqs"),
     ({"messages": user("x"), "max_tokens": -5}, 400, "max_tokens", "at least 1"),
     ({"messages": user("x"), "max_tokens": 0}, 400, "max_tokens", "at least 1"),
     ({"messages": user("x"), "max_tokens": 10**9}, 400, "max_tokens", "context window"),
@@ -65,7 +66,9 @@ CHAT_ERRORS = [
      "an object"),
     ({"messages": user("x"), "chat_template_kwargs": {"tools": 1}}, 400, "chat_template_kwargs",
      "tools"),
-    ({"messages": user("x"), "logprobs": True}, 400, "logprobs", "not supported"),
+    ({"messages": user("x"), "top_logprobs": 3}, 400, "top_logprobs", "needs 'logprobs'"),
+    ({"messages": user("x"), "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs",
+     "from 0 to 20"),
     ({"messages": user("x"), "response_format": {"type": "json_object"}}, 400,
      "response_format", "not supported"),
 ]
@@ -73,7 +76,10 @@ CHAT_ERRORS = [
 COMPLETION_ERRORS = [
     ({}, 400, "prompt", "Missing required parameter: 'prompt'"),
     ({"prompt": ""}, 400, "prompt", "empty"),
-    ({"prompt": ["a", "b"]}, 400, "prompt", "one prompt per request"),
+    ({"prompt": ["a", 5]}, 400, "prompt", "not a mix"),
+    ({"prompt": ["a", ""]}, 400, "prompt", "prompt[1] is empty"),
+    ({"prompt": "x", "logprobs": 21}, 400, "logprobs", "from 0 to 20"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "echo: true"),
     ({"prompt": 5}, 422, "prompt", "a string or an array of token ids"),
     ({"prompt": [99999]}, 400, "prompt", "outside the vocabulary"),
     ({"prompt": LONG}, 400, "prompt", "context window"),
@@ -108,8 +114,8 @@ def test_completion_bad_input(server, body, status, param, words):
 
 def test_errors_reach_the_openai_client_and_server_survives(client, server):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=user("x"), n=3)
-    assert e.value.status_code == 400 and "n=1" in e.value.message
+        client.chat.completions.create(model=MODEL, messages=user("x"), n=0)
+    assert e.value.status_code == 400 and "'n' must be from 1" in e.value.message
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4", messages=user("x"))
     r = httpx.get(server.url + "/v1/nothing-here")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..params import SamplingParams
+from .completions import completions
 from .guard import (
     DEFAULT_MAX_BODY_MB,
     WILDCARD_BINDS,
@@ -19,8 +20,10 @@ from .guard import (
     check_origins,
     default_hosts,
 )
-from .routes import ServerState, chat_completions, compat_chat, completions, list_models
+from .metrics import CONTENT_TYPE, Metrics
+from .routes import ServerState, chat_completions, compat_chat, list_models
 from .schema import APIError, error_body
+from .tokenization import detokenize, tokenize, tokenizer_info
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -34,6 +37,7 @@ WEB_DIR = Path(__file__).resolve().parent / "web"
 # Upstream MiniMind's own server defaults; a request's temperature / top_p override them.
 DEFAULT_SAMPLING = SamplingParams(max_new_tokens=512, temperature=0.7, top_p=0.92)
 ENDPOINTS = ("POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models",
+             "POST /tokenize", "POST /detokenize", "GET /tokenizer_info", "GET /metrics",
              "GET /health", "POST /chat", "GET / (the chat page)")
 
 
@@ -112,6 +116,7 @@ def create_app(engine_or_factory: "Engine | Callable[[], Engine]", *, model_name
             if state.worker is not None:  # by now nothing runs but, at most, one last step
                 await asyncio.to_thread(state.worker.close, 2.0)
 
+    metrics = _metrics(state)
     app = FastAPI(title="minimind-core", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.minimind = state
 
@@ -175,6 +180,32 @@ def create_app(engine_or_factory: "Engine | Callable[[], Engine]", *, model_name
         state.check_model(model_id)
         return next(m for m in list_models(state)["data"] if m["id"] == model_id)
 
+    async def _tokenize(request: Request):
+        return await tokenize(state, request)
+
+    async def _detokenize(request: Request):
+        return await detokenize(state, request)
+
+    async def _tokenizer_info():
+        return tokenizer_info(state)
+
+    for prefix in ("", "/v1"):  # vLLM serves them at the root; some clients look under /v1
+        app.add_api_route(f"{prefix}/tokenize", _tokenize, methods=["POST"], dependencies=auth)
+        app.add_api_route(f"{prefix}/detokenize", _detokenize, methods=["POST"],
+                          dependencies=auth)
+        app.add_api_route(f"{prefix}/tokenizer_info", _tokenizer_info, methods=["GET"],
+                          dependencies=auth)
+
+    @app.get("/metrics")
+    async def _metrics_page():
+        from fastapi.responses import Response
+
+        if metrics is None:
+            raise APIError(501, "/metrics needs prometheus_client: pip install "
+                                "'minimind-core[serve]' (or prometheus_client)",
+                           code="not_available")
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     @app.get("/health")
     async def _health():
         worker = state.worker
@@ -216,6 +247,18 @@ def create_app(engine_or_factory: "Engine | Callable[[], Engine]", *, model_name
     app.add_middleware(OriginGuard, allowed_origins=origins)
     app.add_middleware(HostGuard, allowed_hosts=hosts, any_ip=host in WILDCARD_BINDS)
     return app
+
+
+def _metrics(state: ServerState) -> "Metrics | None":
+    """The app's Prometheus registry, hooked into the scheduler (None without
+    prometheus_client)."""
+    try:
+        metrics = Metrics(lambda: state.worker, lambda: state.name)
+    except ImportError:
+        log.warning("prometheus_client is not installed: /metrics is off")
+        return None
+    state.on_token = metrics.on_token
+    return metrics
 
 
 def _as_list(value: Sequence[str] | str | None) -> list[str]:

@@ -23,21 +23,20 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..params import SamplingParams, StreamChunk
+from ..params import SamplingParams, StreamChunk, TokenLogprob
 from ..reasoning import ReplyDelta, ReplyParser, prompt_opens_think
+from .logprobs import TokenText, chat_logprobs
 from .scheduler import Scheduler
 from .schema import (
     APIError,
     ChatRequest,
     chat_chunk,
     chat_completion,
-    completion,
-    completion_chunk,
+    choice,
     error_body,
     model_card,
     new_id,
     parse_chat_request,
-    parse_completion_request,
     parse_json_body,
     usage_body,
 )
@@ -48,7 +47,8 @@ if TYPE_CHECKING:
 
     from ..engine import Engine
 
-__all__ = ["ServerState", "chat_completions", "compat_chat", "completions", "list_models"]
+__all__ = ["ServerState", "cancel_all", "chat_completions", "collect_all", "compat_chat",
+           "first_chunks", "list_models", "merged"]
 
 log = logging.getLogger("minimind_core.server")
 
@@ -75,6 +75,8 @@ class ServerState:
     max_num_batched_tokens: int = 512
     prefix_cache_mb: float = 512.0  # 0 = no prefix cache
     worker: Scheduler | None = None
+    on_token: "Callable[[Any, int], None] | None" = None  # per drawn token (metrics)
+    _names: TokenText | None = None
 
     def ready(self) -> "Engine":
         if self.engine is None:
@@ -87,7 +89,8 @@ class ServerState:
             self.worker = Scheduler(self.ready(), max_num_seqs=self.max_num_seqs,
                                     max_queue=self.max_queue,
                                     max_num_batched_tokens=self.max_num_batched_tokens,
-                                    prefix_cache_mb=self.prefix_cache_mb)
+                                    prefix_cache_mb=self.prefix_cache_mb,
+                                    on_token=self.on_token)
         return self.worker
 
     @property
@@ -108,14 +111,24 @@ class ServerState:
                             f"{', '.join(repr(m) for m in self.model_ids())}",
                        param="model", code="model_not_found")
 
-    def submit(self, ids: list[int], params: SamplingParams) -> Job:
+    def submit(self, ids: list[int], params: SamplingParams, n: int = 1) -> list[Job]:
+        """Queue ``n`` choices of one prompt (they share its prefill)."""
         worker = self.get_worker()
         try:
-            return worker.submit(ids, params)
+            return worker.submit_n(ids, params, n)
         except QueueFull as e:
             if worker.closed:
                 raise _shutting_down() from e
             raise APIError(503, f"the server is busy: {e}", code="server_busy") from e
+        except ValueError as e:
+            raise APIError(400, str(e), param="n", code="invalid_value") from e
+
+    def token_text(self) -> TokenText:
+        """Token texts and bytes for logprobs (cached per engine)."""
+        engine = self.ready()
+        if self._names is None or self._names.tokenizer is not engine.tokenizer:
+            self._names = TokenText(engine.tokenizer)
+        return self._names
 
     def begin_shutdown(self, grace: float) -> None:
         """The server is stopping (SIGTERM): take no new generations, answer every queued
@@ -188,14 +201,17 @@ def _ended_early(job: Job) -> APIError:
 
 
 async def _collect(state: ServerState, job: Job, request: "Request",
-                   first: StreamChunk) -> tuple[str, StreamChunk]:
-    """All text of a job and its final chunk (APIError when it ended without one)."""
+                   first: StreamChunk) -> tuple[str, StreamChunk, list[TokenLogprob]]:
+    """All text of a job, its final chunk (APIError when it ended without one) and the
+    logprobs of its tokens (with ``params.logprobs``)."""
     worker = state.get_worker()
     watcher = asyncio.create_task(_watch_disconnect(request, partial(worker.cancel, job)))
     parts, final = [first.text], first if first.finish_reason is not None else None
+    logprobs = list(first.logprobs or [])
     try:
         while final is None and (chunk := await job.next()) is not None:
             parts.append(chunk.text)
+            logprobs += chunk.logprobs or []
             if chunk.finish_reason is not None:
                 final = chunk
     except ValueError as e:
@@ -205,7 +221,63 @@ async def _collect(state: ServerState, job: Job, request: "Request",
         worker.cancel(job)
     if final is None:
         raise _ended_early(job)
-    return "".join(parts), final
+    return "".join(parts), final, logprobs
+
+
+async def first_chunks(state: ServerState, jobs: list[Job],
+                       request: "Request") -> list[StreamChunk]:
+    """The first chunk of every job (all choices of a request); any failure cancels them all."""
+    try:
+        return list(await asyncio.gather(*(_first_chunk(state, j, request) for j in jobs)))
+    except BaseException:
+        cancel_all(state, jobs)
+        raise
+
+
+def cancel_all(state: ServerState, jobs: list[Job]) -> None:
+    worker = state.get_worker()
+    for job in jobs:
+        worker.cancel(job)
+
+
+async def collect_all(state: ServerState, jobs: list[Job], request: "Request",
+                      firsts: list[StreamChunk]):
+    """``_collect`` for every job at once, in order."""
+    try:
+        return list(await asyncio.gather(*(_collect(state, j, request, f)
+                                           for j, f in zip(jobs, firsts))))
+    finally:
+        cancel_all(state, jobs)
+
+
+async def merged(streams: list[AsyncIterator[StreamChunk]]
+                 ) -> AsyncIterator[tuple[int, StreamChunk]]:
+    """(choice index, chunk) from several streams as they come; an error in one is raised."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[StreamChunk]) -> None:
+        try:
+            async for chunk in stream:
+                await queue.put((i, chunk, None))
+        except Exception as e:
+            await queue.put((i, None, e))
+            return
+        await queue.put((i, None, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, chunk, error = await queue.get()
+            if error is not None:
+                raise error
+            if chunk is None:
+                left -= 1
+                continue
+            yield i, chunk
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def _rest(first: StreamChunk, job: Job) -> AsyncIterator[StreamChunk]:
@@ -263,14 +335,14 @@ def _chat_prompt(engine: "Engine", req: ChatRequest) -> tuple[list[int], bool]:
 
 
 async def _start_chat(state: ServerState, engine: "Engine", req: ChatRequest,
-                      request: "Request") -> tuple[Job, StreamChunk, bool]:
-    """Build the prompt, queue the generation and wait for its first chunk."""
+                      request: "Request") -> tuple[list[Job], list[StreamChunk], bool, int]:
+    """Build the prompt, queue its ``n`` generations and wait for their first chunks."""
     from fastapi.concurrency import run_in_threadpool
 
     ids, in_think = await run_in_threadpool(_chat_prompt, engine, req)
     # the ids just checked are the ones generated from (no second render in the scheduler)
-    job = state.submit(ids, req.params)
-    return job, await _first_chunk(state, job, request), in_think
+    jobs = state.submit(ids, req.params, req.n)
+    return jobs, await first_chunks(state, jobs, request), in_think, len(ids)
 
 
 async def chat_completions(state: ServerState, request: "Request"):
@@ -282,19 +354,26 @@ async def chat_completions(state: ServerState, request: "Request"):
                              window=engine.config.max_position_embeddings,
                              max_tokens_cap=state.max_tokens_cap)
     model = state.check_model(req.model)
-    job, first, in_think = await _start_chat(state, engine, req, request)
-    parser = ReplyParser(parse_tools=req.parse_tools, in_think=in_think)
+    jobs, firsts, in_think, n_prompt = await _start_chat(state, engine, req, request)
+    parsers = [ReplyParser(parse_tools=req.parse_tools, in_think=in_think) for _ in jobs]
     rid, created = new_id("chatcmpl"), int(time.time())
+    want = req.params.logprobs is not None
     if req.stream:
-        events = _chat_events(_rest(first, job), job, parser, rid, created, model,
-                              req.include_usage)
-        return _event_stream(events, partial(state.get_worker().cancel, job))
-    text, final = await _collect(state, job, request, first)
-    delta = parser.feed(text)
-    delta += parser.finish()
-    return JSONResponse(chat_completion(
-        rid, created, model, _message(delta), _finish_reason(parser, final.finish_reason),
-        usage_body(final.usage.prompt_tokens, final.usage.completion_tokens)))
+        events = _chat_events([_rest(f, j) for f, j in zip(firsts, jobs)], jobs, parsers,
+                              state.token_text() if want else None, rid, created, model,
+                              req.include_usage, n_prompt)
+        return _event_stream(events, partial(cancel_all, state, jobs))
+    choices, n_out = [], 0
+    for i, (parser, (text, final, logprobs)) in enumerate(
+            zip(parsers, await collect_all(state, jobs, request, firsts))):
+        delta = parser.feed(text)
+        delta += parser.finish()
+        n_out += final.usage.completion_tokens
+        choices.append(choice(i, _finish_reason(parser, final.finish_reason),
+                              chat_logprobs(state.token_text(), logprobs) if want else None,
+                              message=_message(delta)))
+    return JSONResponse(chat_completion(rid, created, model, None, None,
+                                        usage_body(n_prompt, n_out), choices=choices))
 
 
 async def compat_chat(state: ServerState, request: "Request"):
@@ -309,8 +388,9 @@ async def compat_chat(state: ServerState, request: "Request"):
     if req.stream:
         raise APIError(400, "/chat answers in one piece; for streaming use "
                             "POST /v1/chat/completions", param="stream", code="invalid_value")
-    job, first, _ = await _start_chat(state, engine, req, request)
-    text, _ = await _collect(state, job, request, first)
+    req.n = 1
+    jobs, firsts, _, _ = await _start_chat(state, engine, req, request)
+    (text, _, _), = await collect_all(state, jobs, request, firsts)
     return JSONResponse({"response": text})
 
 
@@ -322,94 +402,51 @@ def _cut_short(job: Job) -> str:
                            code="cancelled"))
 
 
-async def _chat_events(chunks: AsyncIterator[StreamChunk], job: Job, parser: ReplyParser,
-                       rid: str, created: int, model: str,
-                       include_usage: bool) -> AsyncIterator[str]:
+async def _chat_events(streams: list[AsyncIterator[StreamChunk]], jobs: list[Job],
+                       parsers: list[ReplyParser], names: TokenText | None, rid: str,
+                       created: int, model: str, include_usage: bool,
+                       n_prompt: int) -> AsyncIterator[str]:
     chunk_of = partial(chat_chunk, rid, created, model, include_usage=include_usage)
-    yield _sse(chunk_of({"role": "assistant", "content": ""}))
-    n_calls = 0
-    finished = False
+    for i in range(len(jobs)):
+        yield _sse(chunk_of({"role": "assistant", "content": ""}, index=i))
+    n_calls = [0] * len(jobs)
+    pending: list[list[TokenLogprob]] = [[] for _ in jobs]  # logprobs of held-back text
+    finished, n_out = set(), 0
+
+    def take(i: int) -> dict[str, Any] | None:
+        if names is None:
+            return None
+        out, pending[i] = chat_logprobs(names, pending[i]), []
+        return out
+
     try:
-        async for chunk in chunks:
+        async for i, chunk in merged(streams):
+            parser = parsers[i]
+            pending[i] += chunk.logprobs or []
             delta = parser.feed(chunk.text)
             if chunk.finish_reason is not None:
                 delta += parser.finish()
             if delta.reasoning:
-                yield _sse(chunk_of({"reasoning_content": delta.reasoning}))
+                yield _sse(chunk_of({"reasoning_content": delta.reasoning}, index=i,
+                                    logprobs=take(i)))
             if delta.content:
-                yield _sse(chunk_of({"content": delta.content}))
+                yield _sse(chunk_of({"content": delta.content}, index=i, logprobs=take(i)))
             for call in delta.tool_calls:
-                yield _sse(chunk_of({"tool_calls": [call.to_openai(index=n_calls)]}))
-                n_calls += 1
+                yield _sse(chunk_of({"tool_calls": [call.to_openai(index=n_calls[i])]},
+                                    index=i))
+                n_calls[i] += 1
             if chunk.finish_reason is not None:
-                finished = True
-                yield _sse(chunk_of({}, _finish_reason(parser, chunk.finish_reason)))
-                if include_usage:
-                    yield _sse(chat_chunk(rid, created, model, None, include_usage=True,
-                                          usage=usage_body(chunk.usage.prompt_tokens,
-                                                           chunk.usage.completion_tokens)))
-        if not finished:
-            yield _cut_short(job)
+                finished.add(i)
+                n_out += chunk.usage.completion_tokens
+                last = take(i) if pending[i] else None
+                yield _sse(chunk_of({}, _finish_reason(parser, chunk.finish_reason), index=i,
+                                    logprobs=last))
+        if len(finished) < len(jobs):
+            yield _cut_short(next(j for i, j in enumerate(jobs) if i not in finished))
+        elif include_usage:
+            yield _sse(chat_chunk(rid, created, model, None, include_usage=True,
+                                  usage=usage_body(n_prompt, n_out)))
     except Exception as e:  # headers are sent: report in the stream, as vLLM does
-        log.exception("generation failed")
-        yield _sse(error_body(str(e), type="server_error"))
-    yield "data: [DONE]\n\n"
-
-
-async def completions(state: ServerState, request: "Request"):
-    """POST /v1/completions (raw prompt, no chat template)."""
-    from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import JSONResponse
-
-    engine = state.ready()
-    req = parse_completion_request(await _read_json(request), defaults=state.defaults,
-                                   window=engine.config.max_position_embeddings,
-                                   max_tokens_cap=state.max_tokens_cap)
-    model = state.check_model(req.model)
-    try:
-        ids = await run_in_threadpool(engine.encode, req.prompt)
-    except ValueError as e:
-        raise APIError(400, str(e), param="prompt") from e
-    window = engine.config.max_position_embeddings
-    if len(ids) >= window:
-        raise APIError(400, f"prompt is {len(ids)} tokens, longer than the context window of "
-                            f"{window} tokens; shorten the prompt", param="prompt",
-                       code="context_length_exceeded")
-    echo = (req.prompt if isinstance(req.prompt, str) else engine.tokenizer.decode(ids)) \
-        if req.echo else ""
-    job = state.submit(ids, req.params)
-    first = await _first_chunk(state, job, request)
-    rid, created = new_id("cmpl"), int(time.time())
-    if req.stream:
-        events = _completion_events(_rest(first, job), job, rid, created, model,
-                                    req.include_usage, echo)
-        return _event_stream(events, partial(state.get_worker().cancel, job))
-    text, final = await _collect(state, job, request, first)
-    return JSONResponse(completion(rid, created, model, echo + text, final.finish_reason,
-                                   usage_body(final.usage.prompt_tokens,
-                                              final.usage.completion_tokens)))
-
-
-async def _completion_events(chunks: AsyncIterator[StreamChunk], job: Job, rid: str,
-                             created: int, model: str, include_usage: bool,
-                             echo: str) -> AsyncIterator[str]:
-    chunk_of = partial(completion_chunk, rid, created, model, include_usage=include_usage)
-    if echo:
-        yield _sse(chunk_of(echo))
-    finished = False
-    try:
-        async for chunk in chunks:
-            if chunk.text or chunk.finish_reason is not None:
-                yield _sse(chunk_of(chunk.text, chunk.finish_reason))
-            if chunk.finish_reason is not None:
-                finished = True
-                if include_usage:
-                    yield _sse(completion_chunk(rid, created, model, None, include_usage=True,
-                                                usage=usage_body(chunk.usage.prompt_tokens,
-                                                                 chunk.usage.completion_tokens)))
-        if not finished:
-            yield _cut_short(job)
-    except Exception as e:
         log.exception("generation failed")
         yield _sse(error_body(str(e), type="server_error"))
     yield "data: [DONE]\n\n"

@@ -44,6 +44,7 @@ class BatchJob(Job):
         self.row: Row | None = None
         self.output: RequestOutput | None = None
         self.queued = time.perf_counter()
+        self.group: list[BatchJob] = [self]  # the n choices of one prompt, admitted together
 
 
 @dataclass
@@ -127,6 +128,34 @@ class Scheduler:
             self._cond.notify()
         return job
 
+    def submit_n(self, ids: list[int], params: SamplingParams, n: int) -> list[BatchJob]:
+        """Queue ``n`` choices of one prompt (``n > 1``): admitted together, the prompt prefilled
+        once and its keys forked into the other rows. Choice ``i`` samples with ``seed + i``, so
+        choice 0 is what ``n=1`` gives with the same seed. Raises QueueFull, or ValueError when
+        ``n`` is more than ``max_num_seqs``."""
+        if n == 1:
+            return [self.submit(ids, params)]
+        if not 1 <= n <= self.max_num_seqs:
+            raise ValueError(f"n is {n}, but this server decodes at most {self.max_num_seqs} "
+                             "rows together (--max-num-seqs); ask for fewer choices")
+        seed = params.seed
+        window = self.engine.config.max_position_embeddings
+        budget = max(min(params.max_new_tokens, window - len(ids)), 0)
+        loop = asyncio.get_running_loop()
+        jobs = [BatchJob(list(ids), params, None if seed is None else (seed + i) % 2**64,
+                         budget, loop) for i in range(n)]
+        for job in jobs:
+            job.group = jobs
+        with self._cond:
+            if self._closed:
+                raise QueueFull("the server is shutting down")
+            if len(self._waiting) + n > self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting "
+                                f"(the limit is {self.max_queue}); retry shortly")
+            self._waiting.extend(jobs)
+            self._cond.notify()
+        return jobs
+
     @property
     def closed(self) -> bool:
         """True once ``drain`` or ``close`` was called: no new requests are taken."""
@@ -201,28 +230,50 @@ class Scheduler:
     def _admit(self, loop: TokenLoop) -> None:
         while True:
             with self._cond:
-                if not self._waiting or len(self._running) >= self.max_num_seqs:
+                if not self._waiting:
                     return
-                if not loop.has_room():
+                group = [j for j in self._waiting[0].group if j in self._waiting]
+                if len(self._running) + len(group) > self.max_num_seqs:
                     return
-                job = self._waiting.popleft()
-                self._running.append(job)
-            if job.cancelled.is_set():
-                self._finish(loop, job, final=False)
-                continue
-            job.output = RequestOutput(self.engine.tokenizer, job.params, len(job.ids),
-                                       job.budget, started=job.queued)
-            if job.budget <= 0:
-                self._finish(loop, job)
-                continue
-            try:
-                job.row = loop.add(job.ids, job.params, job.seed, reserve=job.budget)
-            except Exception as e:
+                if int((~loop.cache.used).sum()) < len(group):
+                    return
+                for job in group:
+                    self._waiting.remove(job)
+                    self._running.append(job)
+            live = []
+            for job in group:
+                if job.cancelled.is_set():
+                    self._finish(loop, job, final=False)
+                    continue
+                job.output = RequestOutput(self.engine.tokenizer, job.params, len(job.ids),
+                                           job.budget, started=job.queued)
+                if job.budget <= 0:
+                    self._finish(loop, job)
+                    continue
+                live.append(job)
+            if live:
+                self._start(loop, live)
+
+    def _start(self, loop: TokenLoop, jobs: list[BatchJob]) -> None:
+        """Rows for one prompt's live choices: the first added, the others forked from it after
+        its prefill (done at once here, so the fork can share it)."""
+        lead = jobs[0]
+        chunk = loop.chunk
+        if len(jobs) > 1:
+            loop.chunk = None  # prefill now: ``fork`` needs the prompt's keys in place
+        try:
+            lead.row = loop.add(lead.ids, lead.params, lead.seed, reserve=lead.budget)
+            for job in jobs[1:]:
+                job.row = loop.fork(lead.row, job.seed)
+        except Exception as e:
+            for job in jobs:
                 job._put(_Failure(e))
                 self._finish(loop, job, final=False)
-                continue
-            self.stats.prompt_tokens += len(job.ids)
-            self.stats.cached_prompt_tokens += job.row.cached_tokens
+            return
+        finally:
+            loop.chunk = chunk
+        self.stats.prompt_tokens += len(lead.ids)
+        self.stats.cached_prompt_tokens += lead.row.cached_tokens
 
     def _step(self) -> None:
         loop = self._token_loop()
@@ -236,7 +287,7 @@ class Scheduler:
             job = by_row[id(row)]
             out = job.output
             before = out.last
-            chunk = out.add(token)
+            chunk = out.add(token, row.logprob)
             self.stats.generation_tokens += 1
             if before:
                 self.stats.itl.append(out.last - before)

@@ -6,7 +6,7 @@ parameter and says what to send instead, in OpenAI's shape
 parameter, malformed JSON or a prompt longer than the context (``context_length_exceeded``),
 422 for a value of the wrong JSON type, 401/404/413/415/503 for their usual meanings.
 Unknown fields are ignored, as OpenAI-compatible servers do, unless ignoring them would silently
-change the answer (``logprobs``, JSON ``response_format``, a forced ``tool_choice``).
+change the answer (JSON ``response_format``, a forced ``tool_choice``, ``best_of``).
 
 Bodies are strict JSON: NaN and Infinity (which Python's ``json`` accepts), numbers too large
 for a float, lone UTF-16 surrogates and nesting deeper than ``MAX_JSON_DEPTH`` are a 400, so no
@@ -26,10 +26,12 @@ from ..chat import ROLES, validate_messages
 from ..params import SamplingParams
 
 __all__ = ["GREEDY_BELOW", "MAX_JSON_DEPTH", "APIError", "ChatRequest", "CompletionRequest",
-           "chat_chunk", "chat_completion", "completion", "completion_chunk", "error_body",
+           "chat_chunk", "choice", "chat_completion", "completion", "completion_chunk", "error_body",
            "model_card", "new_id", "parse_chat_request", "parse_completion_request",
            "parse_json_body", "usage_body"]
 
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs (OpenAI's legacy completions stop at 5)
+MAX_N = 64  # choices per request; the scheduler's --max-num-seqs is the real bound
 MAX_JSON_DEPTH = 64  # objects/arrays inside each other; tool schemas need a handful
 GREEDY_BELOW = 1e-5  # a smaller temperature is greedy (as vLLM): dividing by it overflows
 SEED_RANGE = (-2**63, 2**63)  # int64, as vLLM; mapped onto uint64 for the samplers
@@ -143,14 +145,16 @@ def _bad(name: str, message: str, code: str = "invalid_value") -> APIError:
     return APIError(400, message, param=name, code=code)
 
 
-def _max_tokens(body: dict, default: int, cap: int | None, window: int) -> int:
+def _max_tokens(body: dict, default: int, cap: int | None, window: int, least: int = 1) -> int:
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
         else "max_tokens"
     value = _get(body, name, int)
     if value is None:
         return default
-    if value < 1:
-        raise _bad(name, f"'{name}' must be at least 1, got {value}")
+    if value < least:
+        hint = " (0 scores the prompt alone, with echo: true on /v1/completions)" \
+            if value == 0 else ""
+        raise _bad(name, f"'{name}' must be at least {least}, got {value}{hint}")
     if cap is not None and value > cap:
         raise _bad(name, f"'{name}' is {value}, more than this server allows ({cap}); "
                          f"ask for at most {cap} tokens")
@@ -173,15 +177,34 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(stop)
 
 
-def _sampling(body: dict, defaults: SamplingParams, cap: int | None,
-              window: int) -> SamplingParams:
-    if _get(body, "n", int, 1) != 1:
-        raise _bad("n", f"'n' is {body['n']}, but this server returns one choice per request "
-                        "(n=1); send several requests instead")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise _bad("logprobs", "logprobs are not supported by this server")
+def _n(body: dict) -> int:
+    n = _get(body, "n", int, 1)
+    if not 1 <= n <= MAX_N:
+        raise _bad("n", f"'n' must be from 1 to {MAX_N}, got {n}")
+    return n
+
+
+def _top(body: dict, name: str) -> int | None:
+    value = _get(body, name, int)
+    if value is not None and not 0 <= value <= MAX_LOGPROBS:
+        raise _bad(name, f"'{name}' must be from 0 to {MAX_LOGPROBS}, got {value}")
+    return value
+
+
+def _chat_logprobs(body: dict) -> int | None:
+    """Chat's ``logprobs: true`` + ``top_logprobs: N`` as the core's ``logprobs`` (None = off)."""
+    want = _get(body, "logprobs", bool, False)
+    top = _top(body, "top_logprobs")
+    if top is not None and not want:
+        raise _bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+    return (top or 0) if want else None
+
+
+def _sampling(body: dict, defaults: SamplingParams, cap: int | None, window: int, *,
+              logprobs: int | None = None, least: int = 1) -> SamplingParams:
     values = {
-        "max_new_tokens": _max_tokens(body, defaults.max_new_tokens, cap, window),
+        "logprobs": logprobs,
+        "max_new_tokens": _max_tokens(body, defaults.max_new_tokens, cap, window, least),
         "temperature": _get(body, "temperature", float),
         "top_p": _get(body, "top_p", float),
         "top_k": _get(body, "top_k", int),
@@ -225,18 +248,21 @@ class ChatRequest:
     tools: list[dict[str, Any]] | None = None
     parse_tools: bool = False
     template_kwargs: dict[str, Any] = field(default_factory=dict)
+    n: int = 1
 
 
 @dataclass
 class CompletionRequest:
-    """A checked POST /v1/completions body; ``prompt`` is text or token ids."""
+    """A checked POST /v1/completions body; each prompt is text or token ids (one choice per
+    prompt, times ``n``); ``params.logprobs`` is the request's ``logprobs``."""
 
     model: str | None
-    prompt: str | list[int]
+    prompts: list[str | list[int]]
     params: SamplingParams
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
+    n: int = 1
 
 
 def _object(body: Any) -> dict:
@@ -306,9 +332,10 @@ def parse_chat_request(body: Any, *, defaults: SamplingParams, window: int,
     tools, parse_tools = _tools(body)
     template_kwargs = dict(_get(body, "chat_template_kwargs", dict, {}))
     return ChatRequest(model=model, messages=messages,
-                       params=_sampling(body, defaults, max_tokens_cap, window), stream=stream,
-                       include_usage=include_usage, tools=tools, parse_tools=parse_tools,
-                       template_kwargs=template_kwargs)
+                       params=_sampling(body, defaults, max_tokens_cap, window,
+                                        logprobs=_chat_logprobs(body)),
+                       stream=stream, include_usage=include_usage, tools=tools,
+                       parse_tools=parse_tools, template_kwargs=template_kwargs, n=_n(body))
 
 
 def parse_completion_request(body: Any, *, defaults: SamplingParams, window: int,
@@ -319,24 +346,41 @@ def parse_completion_request(body: Any, *, defaults: SamplingParams, window: int
     if "prompt" not in body or body["prompt"] is None:
         raise APIError(400, "Missing required parameter: 'prompt'", param="prompt",
                        code="missing_required_parameter")
-    prompt = body["prompt"]
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    is_ids = isinstance(prompt, list) and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-    if isinstance(prompt, list) and prompt and not is_ids:
-        raise _bad("prompt", "send one prompt per request (a string or a list of token ids); "
-                             "batches of prompts are not supported")
-    if not isinstance(prompt, (str, list)):
-        raise _wrong_type("prompt", "a string or an array of token ids", prompt)
-    if not prompt:
-        raise _bad("prompt", "'prompt' is empty; give some text or token ids")
+    prompts = _prompts(body["prompt"])
     if _get(body, "best_of", int, 1) != 1:
-        raise _bad("best_of", "best_of > 1 is not supported")
-    return CompletionRequest(model=model, prompt=prompt,
-                             params=_sampling(body, defaults, max_tokens_cap, window),
-                             stream=stream, include_usage=include_usage,
-                             echo=_get(body, "echo", bool, False))
+        raise _bad("best_of", "best_of > 1 is not supported; use n for several choices")
+    echo = _get(body, "echo", bool, False)
+    params = _sampling(body, defaults, max_tokens_cap, window, logprobs=_top(body, "logprobs"),
+                       least=0 if echo else 1)
+    return CompletionRequest(model=model, prompts=prompts, params=params, stream=stream,
+                             include_usage=include_usage, echo=echo, n=_n(body))
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    """``prompt`` as OpenAI takes it: a string, a list of strings, a list of token ids or a list
+    of lists of ids; one entry per prompt."""
+    if isinstance(prompt, str) or _is_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(
+            isinstance(p, str) or _is_ids(p) for p in prompt):
+        prompts = list(prompt)
+    elif isinstance(prompt, list) and prompt:
+        raise _bad("prompt", "'prompt' must be a string, a list of strings, a list of token ids "
+                             "or a list of lists of token ids (not a mix, no empty lists)")
+    elif isinstance(prompt, list):
+        prompts = [""]
+    else:
+        raise _wrong_type("prompt", "a string or an array of token ids", prompt)
+    for i, p in enumerate(prompts):
+        if not p:
+            where = "'prompt'" if len(prompts) == 1 else f"prompt[{i}]"
+            raise _bad("prompt", f"{where} is empty; give some text or token ids")
+    return prompts
 
 
 # -- responses -------------------------------------------------------------------------------
@@ -351,20 +395,27 @@ def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_completion(id: str, created: int, model: str, message: dict[str, Any],
-                    finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+def choice(index: int, finish_reason: str | None, logprobs: dict[str, Any] | None = None,
+           **content: Any) -> dict[str, Any]:
+    """One entry of ``choices`` (``content``: ``message=``, ``delta=`` or ``text=``)."""
+    return {"index": index, **content, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_completion(id: str, created: int, model: str, message: dict[str, Any] | None,
+                    finish_reason: str | None, usage: dict[str, int], *,
+                    choices: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A ``chat.completion``: one choice from ``message``, or the ``choices`` given."""
     return {"id": id, "object": "chat.completion", "created": created, "model": model,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": finish_reason}],
+            "choices": choices if choices is not None else [
+                choice(0, finish_reason, message=message)],
             "usage": usage}
 
 
-def _chunk(obj: str, id: str, created: int, model: str, choice: dict[str, Any] | None,
-           finish_reason: str | None, include_usage: bool,
-           usage: dict[str, int] | None) -> dict[str, Any]:
-    choices = [] if choice is None else [{"index": 0, **choice, "logprobs": None,
-                                          "finish_reason": finish_reason}]
+def _chunk(obj: str, id: str, created: int, model: str, content: dict[str, Any] | None,
+           finish_reason: str | None, include_usage: bool, usage: dict[str, int] | None,
+           index: int = 0, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    choices = [] if content is None else [choice(index, finish_reason, logprobs, **content)]
     out = {"id": id, "object": obj, "created": created, "model": model,
            "system_fingerprint": None, "choices": choices}
     if include_usage:
@@ -374,27 +425,33 @@ def _chunk(obj: str, id: str, created: int, model: str, choice: dict[str, Any] |
 
 def chat_chunk(id: str, created: int, model: str, delta: dict[str, Any] | None,
                finish_reason: str | None = None, *, include_usage: bool = False,
-               usage: dict[str, int] | None = None) -> dict[str, Any]:
+               usage: dict[str, int] | None = None, index: int = 0,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """One ``chat.completion.chunk``; ``delta=None`` gives the usage-only last chunk."""
     return _chunk("chat.completion.chunk", id, created, model,
-                  None if delta is None else {"delta": delta}, finish_reason, include_usage, usage)
+                  None if delta is None else {"delta": delta}, finish_reason, include_usage, usage,
+                  index, logprobs)
 
 
-def completion(id: str, created: int, model: str, text: str, finish_reason: str,
-               usage: dict[str, int]) -> dict[str, Any]:
+def completion(id: str, created: int, model: str, text: str | None, finish_reason: str | None,
+               usage: dict[str, int], *,
+               choices: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A ``text_completion``: one choice from ``text``, or the ``choices`` given."""
     return {"id": id, "object": "text_completion", "created": created, "model": model,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "text": text, "logprobs": None,
-                         "finish_reason": finish_reason}],
+            "choices": choices if choices is not None else [
+                choice(0, finish_reason, text=text)],
             "usage": usage}
 
 
 def completion_chunk(id: str, created: int, model: str, text: str | None,
                      finish_reason: str | None = None, *, include_usage: bool = False,
-                     usage: dict[str, int] | None = None) -> dict[str, Any]:
+                     usage: dict[str, int] | None = None, index: int = 0,
+                     logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """One streamed ``text_completion``; ``text=None`` gives the usage-only last chunk."""
     return _chunk("text_completion", id, created, model,
-                  None if text is None else {"text": text}, finish_reason, include_usage, usage)
+                  None if text is None else {"text": text}, finish_reason, include_usage, usage,
+                  index, logprobs)
 
 
 def model_card(id: str, *, created: int | None = None, owned_by: str = "minimind-core",
