@@ -64,13 +64,16 @@ class Result:
     """One streamed request: when it started, when each text chunk came, tokens from usage."""
 
     start: float = 0.0
+    first: float = 0.0  # the first SSE event (for chat: the role chunk, sent with token 1)
     chunks: list[float] = field(default_factory=list)
     tokens: int = 0
     error: str | None = None
 
     @property
     def ttft(self) -> float | None:
-        return self.chunks[0] - self.start if self.chunks else None
+        """Request sent -> first event: every check and the first token happen before the
+        server sends a byte, so this holds even when the first tokens decode to no text."""
+        return self.first - self.start if self.first else None
 
     @property
     def itl(self) -> float | None:
@@ -95,9 +98,12 @@ def stream(http, path: str, body: dict) -> Result:
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 event = json.loads(line[6:])
+                now = time.perf_counter()
+                res.first = res.first or now  # the server answers once the first token is drawn
                 for c in event.get("choices", []):
-                    if c.get("text") or (c.get("delta") or {}).get("content"):
-                        res.chunks.append(time.perf_counter())
+                    delta = c.get("delta") or {}
+                    if c.get("text") or delta.get("content") or delta.get("reasoning_content"):
+                        res.chunks.append(now)
                 if event.get("usage"):
                     res.tokens = event["usage"]["completion_tokens"]
     except Exception as e:  # a benchmark reports errors, it does not stop on them
@@ -220,8 +226,8 @@ def main() -> int:
         for i, (x, y) in enumerate(zip(with_cache, without)):
             print(f"| {i + 1} | {1e3 * x:.1f} | {1e3 * y:.1f} | {x / y:.2f} |")
         print(flush=True)
-    print(f"(total {time.perf_counter() - t_all:.0f} s; TTFT: request sent -> first text "
-          "chunk; ITL: a stream's mean gap between text chunks)")
+    print(f"(total {time.perf_counter() - t_all:.0f} s; TTFT: request sent -> first SSE "
+          "event (sent with the first token); ITL: a stream's mean gap between text chunks)")
     print("(the no-cache turn has nothing to share, so it is also the 'same length, sharing "
           "nothing' baseline for the cached one)")
     return 0
