@@ -216,10 +216,13 @@ class Engine(ABC):
         """Feed ``tokens[i]`` at the current length of ``slots[i]``; return logits [rows, vocab]."""
 
     def _grow_cache(self, cache: Any, max_len: int) -> Any:
-        """A longer cache holding everything ``cache`` holds (rows keep running in it)."""
-        length = min(-(-max_len // CACHE_STEP) * CACHE_STEP, self.config.max_position_embeddings)
+        """A longer cache holding everything ``cache`` holds (rows keep running in it): at least
+        twice as long, so a server's cache grows (and copies every slot) a few times, not once
+        per 256 positions."""
+        window = self.config.max_position_embeddings
+        length = min(max(-(-max_len // CACHE_STEP) * CACHE_STEP, 2 * cache.max_len), window)
         if max_len > length:
-            raise ValueError(f"{max_len} positions do not fit the context window of {length}")
+            raise ValueError(f"{max_len} positions do not fit the context window of {window}")
         new = self._new_cache(cache.slots, length)
         self._copy_cache(cache, new)
         new.lengths[:], new.used[:], new.cached = cache.lengths, cache.used, cache.cached
