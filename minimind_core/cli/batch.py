@@ -1,4 +1,4 @@
-"""``minimind generate --batch-file FILE``: many prompts through one left-padded batch at a time.
+"""``minimind generate --batch-file FILE``: many prompts through one batch at a time.
 
 A line of FILE is one prompt: plain text, a JSON string or ``{"prompt": ...}`` (for a prompt
 with line breaks), or a JSON conversation (a list of ``{"role", "content"}`` messages, or
