@@ -10,7 +10,7 @@ and with ``--q-bits`` mlx_lm's quantization block.
 MiniMind2-MoE is exactly mlx_lm's ``bailing_moe`` (rotate-half RoPE, softmax router whose top-k
 weights are renormalised only when k > 1, ungated shared experts; ``ernie4_5_moe`` rotates
 interleaved pairs and always renormalises, ``granitemoe`` has no shared expert), whose weight
-names and fusions ``minimind_core.checkpoint.to_bailing_moe`` writes.
+names and fusions ``minimind_core.bailing.to_bailing_moe`` writes.
 
 reader (``load_checkpoint``) → normalise (optional LoRA merge, dtype, quantize) → writer
 (atomic: a temporary sibling folder renamed into place).
@@ -24,8 +24,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from minimind_core.bailing import BAILING_MOE, to_bailing_moe
 from minimind_core.chat import FALLBACK_TEMPLATE
-from minimind_core.checkpoint import BAILING_MOE, load_checkpoint, to_bailing_moe
+from minimind_core.checkpoint import load_checkpoint
 from minimind_core.config import ModelConfig, to_hf_config
 from minimind_core.dtypes import canonical_dtype
 from minimind_core.lora import MLX_ADAPTER_CONFIG, MLX_ADAPTER_FILE, LoRA, load_lora

@@ -153,6 +153,21 @@ class ScriptedEngine(Engine):
         raise NotImplementedError
 
 
+def assert_error(r, status: int, code: str | None, words: str = "", param: str | None = None,
+                 kind: str | None = None) -> dict:
+    """The response is exactly OpenAI's error shape with this status, code and param."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    error = body["error"]
+    assert error["type"] == (kind or ("invalid_request_error" if status < 500
+                                      else "server_error"))
+    assert error["code"] == code and error["param"] == param
+    assert words in error["message"]
+    return error
+
+
 def ServerThread(app, shutdown_timeout: float = 2.0):  # noqa: N802 (kept: reads like a class)
     """``with ServerThread(app) as s:`` — the library's BackgroundServer on 127.0.0.1."""
     from minimind_core.server import BackgroundServer

@@ -22,7 +22,8 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
-from minimind_core.checkpoint import from_bailing_moe, strip_prefixes
+from minimind_core.bailing import from_bailing_moe
+from minimind_core.checkpoint import strip_prefixes
 from minimind_core.config import ModelConfig, hf_model_type
 from minimind_core.rope import rope_frequencies
 
