@@ -220,19 +220,24 @@ def real_checkpoint(real_tokenizer):
 @pytest.fixture
 def make_checkpoint(tmp_path, tokenizer_dir):
     """make_checkpoint(kind, seed=0, **config) -> (path to out/full_sft_H[_moe].pth, config, weights)."""
-    import shutil
-
     def make(kind: str = "minimind2", seed: int = 0, **overrides):
-        config = tiny_config(kind, **overrides)
-        weights = random_weights(config, seed)
-        root = tmp_path / f"{kind}-{seed}"
-        if not (root / "model").exists():
-            shutil.copytree(tokenizer_dir, root / "model")
-        name = f"full_sft_{config.hidden_size}{'_moe' if config.use_moe else ''}.pth"
-        path = save_pth(weights, root / "out" / name)
-        return path, config, weights
+        return write_checkpoint(tmp_path / f"{kind}-{seed}", tokenizer_dir, kind, seed, **overrides)
 
     return make
+
+
+def write_checkpoint(root: Path, tokenizer_dir: Path, kind: str = "minimind2", seed: int = 0,
+                     scale: float = 0.08, **overrides) -> tuple[Path, ModelConfig, dict]:
+    """A random checkpoint in upstream's layout under ``root`` (``out/full_sft_H[_moe].pth``,
+    the tokenizer in ``model/``): (path, config, weights). For module-scoped fixtures too."""
+    import shutil
+
+    config = tiny_config(kind, **overrides)
+    weights = random_weights(config, seed, scale=scale)
+    if not (root / "model").exists():
+        shutil.copytree(tokenizer_dir, root / "model")
+    name = f"full_sft_{config.hidden_size}{'_moe' if config.use_moe else ''}.pth"
+    return save_pth(weights, root / "out" / name), config, weights
 
 
 # The server test modules each define an ``engine`` fixture; these two serve it over a socket.

@@ -42,17 +42,12 @@ def prompt_pair(engine) -> tuple[list[int], list[int]]:
 
 @pytest.fixture(scope="module", params=["minimind2", "minimind3"])
 def model(request, tmp_path_factory, tokenizer_dir):
-    """A checkpoint of each generation, and transformers' greedy tokens for its prompts."""
-    import shutil
+    """A checkpoint of each generation (path, config, weights)."""
+    from conftest import write_checkpoint
 
-    from conftest import random_weights, save_pth, tiny_config
-
-    config = tiny_config(request.param, num_hidden_layers=1)  # small: torch.compile is slow
-    weights = random_weights(config, 11)
-    root = tmp_path_factory.mktemp(request.param)
-    shutil.copytree(tokenizer_dir, root / "model")
-    path = save_pth(weights, root / "out" / f"full_sft_{config.hidden_size}.pth")
-    return path, config, weights
+    # one layer: torch.compile is slow
+    return write_checkpoint(tmp_path_factory.mktemp(request.param), tokenizer_dir, request.param,
+                            11, num_hidden_layers=1)
 
 
 def tokens_of(engine, how: str, prompt, pair, seed, params) -> list[int]:

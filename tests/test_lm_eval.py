@@ -8,7 +8,6 @@ downloaded (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("fastapi")
 pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install -e '.[eval]'")
 
-from conftest import random_weights, save_pth, tiny_config  # noqa: E402
+from conftest import write_checkpoint  # noqa: E402
 from server_helpers import MODEL, ServerThread  # noqa: E402
 
 from converters import to_hf  # noqa: E402
@@ -33,10 +32,7 @@ LL, GEN = "minimind_tiny_ll", "minimind_tiny_gen"
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("lm_eval")
-    shutil.copytree(tokenizer_dir, root / "model")
-    config = tiny_config("minimind3")
-    path = save_pth(random_weights(config, 5, scale=0.2),
-                    root / "out" / f"full_sft_{config.hidden_size}.pth")
+    path, _, _ = write_checkpoint(root, tokenizer_dir, "minimind3", 5, scale=0.2)
     return to_hf.convert(path, root / "hf", progress=False)
 
 

@@ -18,14 +18,10 @@ from minimind_core.server.worker import QueueFull  # noqa: E402
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory, tokenizer_dir):
-    import shutil
+    from conftest import write_checkpoint
 
-    from conftest import random_weights, save_pth, tiny_config
-
-    config = tiny_config("minimind3", num_hidden_layers=2)
-    root = tmp_path_factory.mktemp("sched")
-    shutil.copytree(tokenizer_dir, root / "model")
-    path = save_pth(random_weights(config, 5), root / "out" / f"full_sft_{config.hidden_size}.pth")
+    path, _, _ = write_checkpoint(tmp_path_factory.mktemp("sched"), tokenizer_dir, "minimind3", 5,
+                                  num_hidden_layers=2)
     return load(path, backend="torch", device="cpu")
 
 

@@ -5,7 +5,6 @@ socket, on a tiny random MiniMind-3 model. The oracle is stock transformers on t
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from conftest import random_weights, save_pth, tiny_config  # noqa: E402
+from conftest import write_checkpoint  # noqa: E402
 from server_helpers import MODEL  # noqa: E402
 
 from converters import to_hf  # noqa: E402
@@ -29,10 +28,7 @@ PROMPTS = ["hello world, how are you", "The quick brown fox"]
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("logprobs")
-    shutil.copytree(tokenizer_dir, root / "model")
-    config = tiny_config("minimind3")
-    path = save_pth(random_weights(config, 3, scale=0.2),
-                    root / "out" / f"full_sft_{config.hidden_size}.pth")
+    path, _, _ = write_checkpoint(root, tokenizer_dir, "minimind3", 3, scale=0.2)
     return to_hf.convert(path, root / "hf", progress=False)
 
 
