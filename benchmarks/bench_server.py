@@ -1,32 +1,39 @@
 """``minimind serve`` under load: continuous batching and the prefix cache, measured over HTTP.
 
     python benchmarks/bench_server.py                    # the demo model and a MiniMind-3 shape
-    python benchmarks/bench_server.py --tokens 64 --threads 2
-    python benchmarks/bench_server.py --models minimind-3 --turns 10
+    python benchmarks/bench_server.py --models minimind-3 --tokens 64
+    git worktree add /tmp/old-server dc46f0e             # the one-request-at-a-time server
+    python benchmarks/bench_server.py --baseline /tmp/old-server
 
 For each model (the embedded demo, and random float32 weights of the released MiniMind-3 shape,
-768 x 8 layers, 64M), one server in this process (uvicorn in a thread, default scheduler
-settings: --max-num-seqs 16) and client threads streaming /v1/completions with a fixed prompt
-and ``max_tokens``. Prints markdown tables:
+768 x 8 layers, 64M) the server runs as users run it: ``python -m minimind_core.server`` in its
+own process with its default scheduler (--max-num-seqs 16). Client threads in this process
+stream /v1/completions, one distinct prompt per client (so the prefix cache shares nothing
+between them) and a fixed ``max_tokens``; each client's connection is opened before the clock
+starts and all start together. Prints markdown tables:
 
-1. concurrency 1, 4, 16, 64 (and the same 16 requests one after another) -> aggregate tok/s
+1. concurrency 1, 4, 16, 64 and the same 16 requests one after another -> aggregate tok/s
    (completion tokens from ``usage`` / wall time), p50 / p99 over the clients of the time to
-   first token and of the inter-token latency (a stream's mean gap between text chunks).
+   first token and of the inter-token latency (a stream's mean gap between token events). With
+   ``--baseline DIR`` (a checkout of an older minimind-core, e.g. the one-at-a-time server of
+   dc46f0e) that checkout's server is measured on the same model in the same run.
 2. a 20-turn chat replayed through /v1/chat/completions, each turn's TTFT with the prefix cache
-   and on a second server started with ``prefix_cache_mb=0`` (``--no-prefix-cache``): with the
-   cache each turn prefills only its new tokens.
+   and on a second server started with ``--no-prefix-cache``: with the cache each turn prefills
+   only its new tokens.
 
-The clients share the process (and the GIL) with the server, so the figures are a lower bound
-for clients elsewhere. Bounded: every request has a token cap; ends by itself in a few minutes.
+The clients share the machine's cores with the server (state the load and threads with the
+figures). Bounded: every request has a token cap; ends by itself in a few minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -40,23 +47,60 @@ MODEL_ID = "bench"
 LEVELS = (1, 4, 16, 64)
 
 
-def load_engine(name: str):
-    """``demo``: the embedded demo model; otherwise random weights of a harness shape."""
-    import minimind_core
+def model_args(name: str) -> tuple[list[str], str] | None:
+    """Server flags for ``demo`` (the embedded model) or random weights of a harness shape."""
     from minimind_core.demo import DEMO_DIR
 
     if name == "demo":
         if not (DEMO_DIR / "model.safetensors").is_file():
-            return None, "demo (not built)"
-        return minimind_core.load(backend="torch", dtype="float32"), "embedded demo model"
+            return None
+        return [], "embedded demo model"
     from safetensors.numpy import save_file
 
     config = harness.config_for(name)
     path = Path(tempfile.mkdtemp(prefix="bench_server_")) / "random.safetensors"
     save_file(harness.random_state(config), str(path))
-    engine = minimind_core.load(path, backend="torch", dtype="float32",
-                                tokenizer=harness.tokenizer_dir())
-    return engine, f"random {name} ({config.hidden_size} x {config.num_hidden_layers})"
+    return (["-m", str(path), "--tokenizer", str(harness.tokenizer_dir())],
+            f"random {name} ({config.hidden_size} x {config.num_hidden_layers})")
+
+
+class Server:
+    """``python -m minimind_core.server`` of the checkout ``root`` in its own process."""
+
+    def __init__(self, root: Path, args: list[str], threads: int) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "minimind_core.server", *args, "--port", str(port),
+             "--served-model-name", MODEL_ID, "--max-queue", "256", "--log-level", "warning"],
+            cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def __enter__(self) -> Server:
+        import httpx
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("the server did not answer /health within 120 s")
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 @dataclass
@@ -77,7 +121,7 @@ class Result:
 
     @property
     def itl(self) -> float | None:
-        """Mean time between two text chunks of this stream (the client reads chunks in
+        """Mean time between two token events of this stream (the client reads events in
         bursts, so single gaps say more about its thread than about the server)."""
         if len(self.chunks) < 2:
             return None
@@ -102,7 +146,8 @@ def stream(http, path: str, body: dict) -> Result:
                 res.first = res.first or now  # the server answers once the first token is drawn
                 for c in event.get("choices", []):
                     delta = c.get("delta") or {}
-                    if c.get("text") or delta.get("content") or delta.get("reasoning_content"):
+                    # a completion event per token ("" when it makes no character yet)
+                    if "text" in c or delta.get("content") or delta.get("reasoning_content"):
                         res.chunks.append(now)
                 if event.get("usage"):
                     res.tokens = event["usage"]["completion_tokens"]
@@ -113,26 +158,40 @@ def stream(http, path: str, body: dict) -> Result:
 
 def run_clients(url: str, n: int, tokens: int, sequential: bool = False
                 ) -> tuple[float, list[Result]]:
+    """``n`` requests (client ``i`` asks with prompt ``i``), all at once or one by one; the
+    connections are made before the clock starts. Returns (wall seconds, results)."""
     import httpx
 
-    body = {"model": MODEL_ID, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0}
+    clients = [httpx.Client(base_url=url, timeout=600) for _ in range(n)]
+    for http in clients:
+        http.get("/health")  # opens the connection the request will reuse
+    bodies = [{"model": MODEL_ID, "prompt": f"{i}: {PROMPT}", "max_tokens": tokens,
+               "temperature": 0} for i in range(n)]
     results: list[Result] = [Result() for _ in range(n)]
+    gate = threading.Barrier(n + 1)
 
     def client(i: int) -> None:
-        with httpx.Client(base_url=url, timeout=600) as http:
-            results[i] = stream(http, "/v1/completions", body)
+        if not sequential:
+            gate.wait()
+        results[i] = stream(clients[i], "/v1/completions", bodies[i])
 
-    t0 = time.perf_counter()
-    if sequential:
-        for i in range(n):
-            client(i)
-    else:
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    return time.perf_counter() - t0, results
+    try:
+        if sequential:
+            t0 = time.perf_counter()
+            for i in range(n):
+                client(i)
+        else:
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+            for t in threads:
+                t.start()
+            t0 = time.perf_counter()
+            gate.wait()
+            for t in threads:
+                t.join()
+        return time.perf_counter() - t0, results
+    finally:
+        for http in clients:
+            http.close()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -142,19 +201,22 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def concurrency_rows(url: str, tokens: int) -> list[str]:
+def concurrency_rows(label: str, url: str, tokens: int, levels: tuple[int, ...]
+                     ) -> tuple[list[str], dict[str, float]]:
+    """Table rows for ``levels`` and 16 one by one; also {level: tok/s}."""
     run_clients(url, 2, 4)  # warm-up: first-call costs are not what is measured
-    rows = []
-    for label, n, seq in [*[(str(c), c, False) for c in LEVELS], ("16 one by one", 16, True)]:
+    rows, rates = [], {}
+    for name, n, seq in [*[(str(c), c, False) for c in levels], ("16 one by one", 16, True)]:
         wall, results = run_clients(url, n, tokens, sequential=seq)
         ok = [r for r in results if r.error is None]
         total = sum(r.tokens for r in ok)
         ttft = [r.ttft for r in ok if r.ttft is not None]
         gaps = [r.itl for r in ok if r.itl is not None]
-        rows.append(f"| {label} | {total / wall:.1f} | {1e3 * pct(ttft, .5):.0f} | "
+        rates[name] = total / wall
+        rows.append(f"| {label} | {name} | {total / wall:.1f} | {1e3 * pct(ttft, .5):.0f} | "
                     f"{1e3 * pct(ttft, .99):.0f} | {1e3 * pct(gaps, .5):.1f} | "
                     f"{1e3 * pct(gaps, .99):.1f} | {total} | {len(results) - len(ok)} |")
-    return rows
+    return rows, rates
 
 
 def chat_ttfts(url: str, turns: int, reply_tokens: int) -> list[float]:
@@ -183,51 +245,51 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=32, help="max_tokens per request")
     p.add_argument("--turns", type=int, default=20, help="turns of the replayed chat")
     p.add_argument("--reply-tokens", type=int, default=24, help="max_tokens per chat turn")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="the server's torch threads (OMP_NUM_THREADS; 0: torch's default)")
+    p.add_argument("--baseline", type=Path,
+                   help="a checkout of an older minimind-core whose server is measured too")
     a = p.parse_args()
 
     import torch
 
-    from minimind_core.params import SamplingParams
-    from minimind_core.server import BackgroundServer, create_app
-
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    logging.getLogger("minimind_core.server").setLevel(logging.ERROR)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    threads = a.threads or torch.get_num_threads()
     print(f"Server benchmark — {platform.machine()} {platform.system()}, {cores} cores (load "
-          f"{load}), torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32, "
+          f"{load}), torch {torch.__version__}, server with {threads} thread(s), float32, "
           f"max_tokens {a.tokens}, default scheduler (--max-num-seqs 16)\n")
     t_all = time.perf_counter()
     for name in a.models:
-        engine, what = load_engine(name)
-        print(f"## {what}\n")
-        if engine is None:
+        found = model_args(name)
+        if found is None:
+            print(f"## {name} (not built)\n")
             continue
-        defaults = SamplingParams(max_new_tokens=256)
-        cached = BackgroundServer(create_app(engine, model_name=MODEL_ID, defaults=defaults,
-                                             max_queue=256)).start()
-        try:
-            print("| concurrency | tok/s (all) | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
-                  "ITL p99 ms | tokens | errors |\n|---|---|---|---|---|---|---|---|")
-            print("\n".join(concurrency_rows(cached.url, a.tokens)), flush=True)
-            with_cache = chat_ttfts(cached.url, a.turns, a.reply_tokens)
-        finally:
-            cached.stop()
-        plain = BackgroundServer(create_app(engine, model_name=MODEL_ID, defaults=defaults,
-                                            prefix_cache_mb=0)).start()
-        try:
-            without = chat_ttfts(plain.url, a.turns, a.reply_tokens)
-        finally:
-            plain.stop()
+        args, what = found
+        print(f"## {what}\n\n| server | concurrency | tok/s (all) | TTFT p50 ms | TTFT p99 ms | "
+              "ITL p50 ms | ITL p99 ms | tokens | errors |\n|---|---|---|---|---|---|---|---|---|")
+        with Server(harness.ROOT, args, a.threads) as server:
+            rows, ours = concurrency_rows("this checkout", server.url, a.tokens, LEVELS)
+            print("\n".join(rows), flush=True)
+            with_cache = chat_ttfts(server.url, a.turns, a.reply_tokens)
+        if a.baseline:
+            with Server(a.baseline.resolve(), args, a.threads) as server:
+                rows, old = concurrency_rows(f"baseline {a.baseline.name}", server.url,
+                                             a.tokens, (1, 16))
+                print("\n".join(rows), flush=True)
+        print(f"\n16 concurrent ÷ 16 one by one: {ours['16'] / ours['16 one by one']:.2f}x")
+        if a.baseline:
+            print(f"concurrency 1, this checkout ÷ baseline: {ours['1'] / old['1']:.2f}x; "
+                  f"16 concurrent: {ours['16'] / old['16']:.2f}x")
+        with Server(harness.ROOT, [*args, "--no-prefix-cache"], a.threads) as server:
+            without = chat_ttfts(server.url, a.turns, a.reply_tokens)
         print(f"\n{a.turns}-turn chat, TTFT per turn (ms):\n\n| turn | prefix cache | "
               "--no-prefix-cache | ratio |\n|---|---|---|---|")
         for i, (x, y) in enumerate(zip(with_cache, without)):
             print(f"| {i + 1} | {1e3 * x:.1f} | {1e3 * y:.1f} | {x / y:.2f} |")
         print(flush=True)
     print(f"(total {time.perf_counter() - t_all:.0f} s; TTFT: request sent -> first SSE "
-          "event (sent with the first token); ITL: a stream's mean gap between text chunks)")
+          "event (sent with the first token); ITL: a stream's mean gap between token events)")
     print("(the no-cache turn has nothing to share, so it is also the 'same length, sharing "
           "nothing' baseline for the cached one)")
     return 0

@@ -31,6 +31,7 @@ from .tokenizer import Tokenizer
 Prompt = str | Sequence[int]
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CACHE_STEP = 256  # cache lengths are rounded up to this, so one cache serves many requests
+PREFILL_TOKENS = 8192  # prompt tokens a library call prefills per step, its rows packed together
 
 
 class EngineBusyError(RuntimeError):
@@ -126,11 +127,18 @@ class TokenLoop:
             self.cache = self.engine._grow_cache(self.cache, length)
 
     def _prefill(self, row: Row, n: int) -> None:
-        part, row.todo = row.todo[:n], row.todo[n:]
-        logits = self.engine._prefill(self.cache, row.slot, part)
-        row.ids += part
-        if not row.todo:
-            row.logits = logits
+        self._prefill_rows([(row, n)])
+
+    def _prefill_rows(self, due: list[tuple[Row, int]]) -> None:
+        """Prefill the next ``n`` prompt ids of each row, every row in one backend call."""
+        parts = [row.todo[:n] for row, n in due]
+        logits = self.engine._prefill_rows(self.cache, [(row.slot, part) for (row, _), part
+                                                        in zip(due, parts)])
+        for (row, n), part, out in zip(due, parts, logits):
+            row.todo = row.todo[n:]
+            row.ids += part
+            if not row.todo:
+                row.logits = out
 
     def remove(self, row: Row) -> None:
         """Take a finished or cancelled row out; its slot is free for the next ``add`` (kept as a
@@ -144,13 +152,16 @@ class TokenLoop:
         token per row whose prompt is in."""
         engine = self.engine
         budget = self.chunk
+        due = []
         for row in [r for r in self.rows if r.todo]:
             if budget is not None and budget <= 0:
                 break
             n = len(row.todo) if budget is None else min(budget, len(row.todo))
-            self._prefill(row, n)
+            due.append((row, n))
             if budget is not None:
                 budget -= n
+        if due:
+            self._prefill_rows(due)
         fed = [r for r in self.rows if r.pending is not None]
         if fed:
             slots = np.array([r.slot for r in fed], dtype=np.int64)
@@ -210,6 +221,11 @@ class Engine(ABC):
     @abstractmethod
     def _prefill(self, cache: Any, slot: int, ids: list[int]) -> Any:
         """Write ``ids`` into ``slot`` from position 0; return the next-token logits [vocab]."""
+
+    def _prefill_rows(self, cache: Any, parts: list[tuple[int, list[int]]]) -> Any:
+        """Several rows' prompt parts ``(slot, ids)`` at once → each row's next-token logits, in
+        order (a backend may pack them into one pass; by default one ``_prefill`` each)."""
+        return [self._prefill(cache, slot, ids) for slot, ids in parts]
 
     @abstractmethod
     def _decode_step(self, cache: Any, slots: np.ndarray, tokens: np.ndarray) -> Any:
@@ -309,7 +325,8 @@ class Engine(ABC):
 
         def steps() -> Iterator[np.ndarray]:
             with self.exclusive():
-                loop = TokenLoop(self, len(rows), max(map(len, rows)) + budget)
+                loop = TokenLoop(self, len(rows), max(map(len, rows)) + budget,
+                                 chunk=PREFILL_TOKENS)
                 try:
                     order = [loop.add(ids, params, seed) for ids, seed in zip(rows, seeds)]
                     for _ in range(budget):
@@ -426,7 +443,8 @@ class Engine(ABC):
         outs = [RequestOutput(self.tokenizer, params, len(ids), budget, i)
                 for i, ids in enumerate(rows)]
         with self.exclusive():
-            loop = TokenLoop(self, len(rows), max(map(len, rows)) + budget) if budget else None
+            loop = TokenLoop(self, len(rows), max(map(len, rows)) + budget,
+                             chunk=PREFILL_TOKENS) if budget else None
             try:
                 index = {id(loop.add(ids, params, seed)): i
                          for i, (ids, seed) in enumerate(zip(rows, seeds))} if loop else {}

@@ -326,6 +326,35 @@ def test_prefill_in_chunks_equals_one_prefill(model, chunk):
         np.testing.assert_allclose(engine._to_numpy(logits), want, atol=1e-4)
 
 
+def test_rows_prefilled_together_equal_the_reference(model):
+    """One packed prefill of three rows (one from position 0, one continuing its cached first
+    half, one single token after its cache) gives each row transformers' logits (the oracle),
+    and the keys it wrote carry the next decode step."""
+    path, config, weights = model
+    ref = hf_model(config, weights)
+    for backend, engine in both_backends(path):
+        a = engine.encode("hello world, 你好, once more")
+        b = engine.encode("a second, longer prompt about the sea and ships")
+        c = engine.encode("three")
+        cache = engine._cache_for(3, 64)
+        slots = [cache.alloc() for _ in range(3)]
+        engine._prefill(cache, slots[1], b[:5])
+        engine._prefill(cache, slots[2], c[:-1])
+        with engine.exclusive():
+            out = engine._prefill_rows(cache, [(slots[0], a), (slots[1], b[5:]),
+                                               (slots[2], c[-1:])])
+            nxt = np.array([7, 8, 9])
+            step = engine._to_numpy(engine._decode_step(cache, np.array(slots), nxt))
+        for i, ids in enumerate((a, b, c)):
+            with torch.no_grad():
+                want = ref(torch.tensor([ids + [int(nxt[i])]])).logits[0].numpy()
+            np.testing.assert_allclose(engine._to_numpy(out[i]), want[-2], atol=1e-4,
+                                       err_msg=backend)
+            np.testing.assert_allclose(step[i], want[-1], atol=1e-4, err_msg=backend)
+        for slot in slots:
+            cache.free(slot)
+
+
 def test_logprobs_are_log_softmax_of_the_model_logits(model):
     """Generated and prompt logprobs against transformers' logits (the oracle) to 1e-4; the
     top-N lists are its N largest log-softmax values in order."""
@@ -363,8 +392,9 @@ def test_forked_rows_share_one_prefill(model):
         params = SamplingParams(max_new_tokens=10, **SAMPLED)
         want = [[int(t[0]) for t in engine.iter_tokens([pp], params, seed=s)] for s in (1, 2, 3)]
         calls = []
-        prefill = engine._prefill
-        engine._prefill = lambda *a, calls=calls, prefill=prefill: calls.append(1) or prefill(*a)
+        prefill = engine._prefill_rows
+        engine._prefill_rows = lambda *a, calls=calls, prefill=prefill: (calls.append(1)
+                                                                         or prefill(*a))
         with engine.exclusive():
             loop = TokenLoop(engine, 4, 64)
             rows = [loop.add(pp, params, 1)]

@@ -122,3 +122,33 @@ def test_cancelled_request_frees_its_row_and_the_queue_is_bounded(engine):
 
     ids, endless = run(main())
     assert len(ids) <= 3 and endless.finished.is_set()
+
+
+def test_every_token_reaches_the_stream_even_before_it_makes_text(tmp_path):
+    """A token that completes no character (half of 北) still reaches the request as an empty
+    chunk, as vLLM streams it: the response starts at the first token, not at the first
+    character, and a stream's gaps are its inter-token latency."""
+    from server_helpers import ScriptedEngine, make_tokenizer, user
+
+    tok = make_tokenizer(tmp_path)
+    engine = ScriptedEngine(tok)
+    reply = "北京 ok"
+    ids = tok.encode(reply)
+    assert "\ufffd" in tok.decode(ids[:1])  # the first token is a lone UTF-8 byte
+    engine.replies["hi"] = reply
+
+    async def main():
+        sched = Scheduler(engine, max_num_seqs=4)
+        try:
+            job = sched.submit(engine.chat_ids(user("hi")), SamplingParams(max_new_tokens=32))
+            return [chunk async for chunk in job]
+        finally:
+            sched.close()
+
+    chunks = run(main())
+    final = chunks[-1]
+    assert final.finish_reason == "stop" and final.token_ids[:len(ids)] == ids
+    per_token = [c.token_id for c in chunks if c.finish_reason is None]
+    assert per_token == ids  # one chunk per drawn token (the eos ends the stream)
+    assert [c.text for c in chunks[:3]] == ["", "", "北"]
+    assert "".join(c.text for c in chunks) == reply

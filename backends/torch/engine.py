@@ -189,14 +189,23 @@ class TorchEngine(Engine):
             self._impls[name] = step
         return step
 
-    @torch.inference_mode()
     def _prefill(self, cache: KVCache, slot: int, ids: list[int]) -> torch.Tensor:
-        cache.check_room(slot, len(ids))
-        start = int(cache.lengths[slot])
-        x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        logits = self.model(x, cache, slot, start, last_only=True)
-        cache.lengths[slot] = start + len(ids)
-        return logits[0, -1]
+        return self._prefill_rows(cache, [(slot, ids)])[0]
+
+    @torch.inference_mode()
+    def _prefill_rows(self, cache: KVCache, parts: list[tuple[int, list[int]]]
+                      ) -> torch.Tensor:
+        for slot, ids in parts:
+            cache.check_room(slot, len(ids))
+        slots = [slot for slot, _ in parts]
+        starts = [int(cache.lengths[slot]) for slot in slots]
+        lengths = [len(ids) for _, ids in parts]
+        x = torch.tensor([[t for _, ids in parts for t in ids]], dtype=torch.long,
+                         device=self.device)
+        logits = self.model.prefill(x, cache, slots, starts, lengths)
+        for slot, start, n in zip(slots, starts, lengths):
+            cache.lengths[slot] = start + n
+        return logits
 
     @torch.inference_mode()
     def _decode_step(self, cache: KVCache, slots: np.ndarray, tokens: np.ndarray

@@ -20,11 +20,16 @@ from .cache import KVCache
 
 
 @dataclass
-class Span:
-    """Where a prefill writes: positions ``start..start+T`` of one cache slot."""
+class Spans:
+    """Where a prefill writes: row ``i``'s ``lengths[i]`` tokens, packed one row after another
+    along T, go to positions ``starts[i]..`` of slot ``slots[i]``. Packing every row due in a
+    step into one pass runs the linear layers once over all their tokens; attention stays per
+    row. ``masks[i]``: the causal mask of a row that continues a cached prefix (else None)."""
 
-    slot: int
-    start: int
+    slots: list[int]
+    starts: list[int]
+    lengths: list[int]
+    masks: list[torch.Tensor | None]
 
 
 @dataclass
@@ -114,7 +119,7 @@ class Attention(nn.Module):
         return (probs @ v).reshape(b, self.heads, 1, self.head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, where: Span | Rows | None,
+                cache: KVCache | None, where: Spans | Rows | None,
                 mask: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
         h, kv, d = self.heads, self.kv_heads, self.head_dim
@@ -135,16 +140,29 @@ class Attention(nn.Module):
             cache.write(self.layer, where.slots, where.positions, k, v)
             k, v = cache.rows(self.layer, where.view, where.end)
             out = self._attend_one(q, k, v, mask)
-        else:
-            if isinstance(where, Span):  # prefill of one row into its slot
-                k, v = cache.write_span(self.layer, where.slot, where.start, k, v)
-            if mask is None:  # from position 0 (a query of one later token sees every key)
-                causal = t > 1 and (where is None or where.start == 0)
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        elif isinstance(where, Spans):  # prefill: each packed row against its own slot
+            parts, offset = [], 0
+            for slot, start, n, row_mask in zip(where.slots, where.starts, where.lengths,
+                                                where.masks):
+                end = offset + n
+                ks, vs = cache.write_span(self.layer, slot, start, k[:, :, offset:end],
+                                          v[:, :, offset:end])
+                parts.append(_sdpa(q[:, :, offset:end], ks, vs, row_mask))
+                offset = end
+            out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        else:  # no cache: every row from position 0
+            out = _sdpa(q, k, v, mask)
         out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
         return self._project(out, "o_proj")
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+          ) -> torch.Tensor:
+    """Causal attention of T queries: from position 0 without a mask (the flash kernel), else
+    with ``mask`` (queries that continue cached keys)."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 class MLP(nn.Module):
@@ -257,23 +275,42 @@ class MiniMindForCausalLM(nn.Module):
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.model.norm(x), self.lm_head.weight)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, slot: int = 0,
-                start: int = 0, last_only: bool = False) -> torch.Tensor:
-        """Logits for ``input_ids`` [B, T] (no cache: positions 0..T-1), or with a cache for one
-        row [1, T] placed at positions ``start..start+T`` of ``slot`` (a prefill, chunked when
-        ``start > 0``)."""
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits for every position of ``input_ids`` [B, T] at positions 0..T-1 (no cache)."""
         t = input_ids.shape[1]
         x = self.model.embed_tokens(input_ids)
         cos_t, sin_t = self._tables(x)
-        if start + t > cos_t.shape[0]:
-            raise ValueError(f"positions up to {start + t} are past the context window of "
-                             f"{cos_t.shape[0]}")
-        cos, sin = cos_t[start:start + t][:, None, :], sin_t[start:start + t][:, None, :]
-        where = Span(slot, start) if cache is not None else None
-        mask = _causal(t, start, x.device) if t > 1 and start > 0 else None
+        if t > cos_t.shape[0]:
+            raise ValueError(f"{t} positions are past the context window of {cos_t.shape[0]}")
+        cos, sin = cos_t[:t][:, None, :], sin_t[:t][:, None, :]
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, where, mask)
-        return self._head(x[:, -1:] if last_only else x)
+            x = layer(x, cos, sin, None, None, None)
+        return self._head(x)
+
+    def prefill(self, input_ids: torch.Tensor, cache: KVCache, slots: list[int],
+                starts: list[int], lengths: list[int]) -> torch.Tensor:
+        """Prompts of several rows in one pass: ``input_ids`` [1, N] holds each row's tokens one
+        row after another, row ``i`` placed at positions ``starts[i]..`` of ``slots[i]`` (a
+        chunk continues a row's cached keys when ``starts[i] > 0``). Returns the logits after
+        each row's last token [rows, vocab]."""
+        if sum(lengths) != input_ids.shape[1] or not len(slots) == len(starts) == len(lengths):
+            raise ValueError(f"prefill: {input_ids.shape[1]} tokens for rows of {lengths} tokens")
+        x = self.model.embed_tokens(input_ids)
+        cos_t, sin_t = self._tables(x)
+        if max(s + n for s, n in zip(starts, lengths)) > cos_t.shape[0]:
+            raise ValueError(f"positions are past the context window of {cos_t.shape[0]}")
+        if len(slots) == 1:  # one row: a slice of the tables, no gather
+            pos: torch.Tensor | slice = slice(starts[0], starts[0] + lengths[0])
+        else:
+            pos = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]).to(x.device)
+        cos, sin = cos_t[pos][:, None, :], sin_t[pos][:, None, :]
+        masks = [_causal(n, s, x.device) if n > 1 and s > 0 else None
+                 for s, n in zip(starts, lengths)]
+        where = Spans(slots, starts, lengths, masks)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, where, None)
+        last = torch.tensor(lengths, device=x.device).cumsum(0) - 1
+        return self._head(x[0, last])
 
     def decode(self, input_ids: torch.Tensor, cache: KVCache, where: Rows) -> torch.Tensor:
         """One token per row (``input_ids`` [B, 1]) at each row's own position → logits [B, V].

@@ -140,9 +140,9 @@ async def _events(streams: list[AsyncIterator[StreamChunk]], jobs: list[Job],
     finished, n_out = set(), 0
     try:
         async for i, chunk in merged(streams):
-            if chunk.text or chunk.finish_reason is not None:
-                yield _sse(chunk_of(chunk.text, chunk.finish_reason, index=i,
-                                    logprobs=logprobs_of(i, chunk.logprobs or [])))
+            # every token gets an event, "" when it completes no character (as vLLM's)
+            yield _sse(chunk_of(chunk.text, chunk.finish_reason, index=i,
+                                logprobs=logprobs_of(i, chunk.logprobs or [])))
             if chunk.finish_reason is not None:
                 finished.add(i)
                 n_out += chunk.usage.completion_tokens

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..engine import Row, TokenLoop
 from ..outputs import RequestOutput
-from ..params import SamplingParams
+from ..params import SamplingParams, StreamChunk
 from .worker import _END, CLIENT_GONE, SHUTDOWN, Job, QueueFull, _Failure
 
 if TYPE_CHECKING:
@@ -295,8 +295,12 @@ class Scheduler:
                 self.stats.ttft.append(out.first - out.started)
             if self.on_token is not None:
                 self.on_token(job, token)
+            if chunk is None and not out.done:
+                # no new text yet (half a character, a possible stop string held back): the
+                # client still hears of the token, as vLLM streams it, so the response starts
+                # at the first token and a stream's gaps are its real inter-token latency
+                chunk = StreamChunk("", token, index=out.index)
             if chunk is not None:
-                job.chunks_made += 1
                 job._put(chunk)
             if out.done or job.cancelled.is_set():
                 self._finish(loop, job)

@@ -41,7 +41,6 @@ class Job:
         self.cancelled = threading.Event()
         self.finished = threading.Event()
         self.reason: str | None = None  # why it was cancelled: CLIENT_GONE or SHUTDOWN
-        self.chunks_made = 0
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
 
     def cancel(self, reason: str = CLIENT_GONE) -> None:
