@@ -16,7 +16,8 @@ starts and all start together. Prints markdown tables:
    (completion tokens from ``usage`` / wall time), p50 / p99 over the clients of the time to
    first token and of the inter-token latency (a stream's mean gap between token events). With
    ``--baseline DIR`` (a checkout of an older minimind-core, e.g. the one-at-a-time server of
-   dc46f0e) that checkout's server is measured on the same model in the same run.
+   dc46f0e) that checkout's server is measured on the same model in the same run, and both
+   servers answer 32 requests at concurrency 1 taking turns (the no-slowdown check).
 2. a 20-turn chat replayed through /v1/chat/completions, each turn's TTFT with the prefix cache
    and on a second server started with ``--no-prefix-cache``: with the cache each turn prefills
    only its new tokens.
@@ -219,6 +220,26 @@ def concurrency_rows(label: str, url: str, tokens: int, levels: tuple[int, ...]
     return rows, rates
 
 
+def interleaved(url_a: str, url_b: str, tokens: int, n: int) -> tuple[float, float]:
+    """Concurrency 1 on two servers, one request to each in turn (the same prompts): drift of a
+    shared machine hits both alike. Returns each server's tok/s over its own request times."""
+    import httpx
+
+    spent, made = [0.0, 0.0], [0, 0]
+    with httpx.Client(base_url=url_a, timeout=600) as ha, \
+            httpx.Client(base_url=url_b, timeout=600) as hb:
+        for i in range(n):
+            body = {"model": MODEL_ID, "prompt": f"{i}: {PROMPT}", "max_tokens": tokens,
+                    "temperature": 0}
+            for k, http in enumerate((ha, hb)):
+                http.get("/health")
+                t = time.perf_counter()
+                res = stream(http, "/v1/completions", body)
+                spent[k] += time.perf_counter() - t
+                made[k] += res.tokens
+    return made[0] / spent[0], made[1] / spent[1]
+
+
 def chat_ttfts(url: str, turns: int, reply_tokens: int) -> list[float]:
     """TTFT of each turn of one chat whose history grows by the server's own replies."""
     import httpx
@@ -272,15 +293,18 @@ def main() -> int:
             rows, ours = concurrency_rows("this checkout", server.url, a.tokens, LEVELS)
             print("\n".join(rows), flush=True)
             with_cache = chat_ttfts(server.url, a.turns, a.reply_tokens)
-        if a.baseline:
-            with Server(a.baseline.resolve(), args, a.threads) as server:
-                rows, old = concurrency_rows(f"baseline {a.baseline.name}", server.url,
-                                             a.tokens, (1, 16))
-                print("\n".join(rows), flush=True)
+            if a.baseline:
+                with Server(a.baseline.resolve(), args, a.threads) as base:
+                    rows, old = concurrency_rows(f"baseline {a.baseline.name}", base.url,
+                                                 a.tokens, (1, 16))
+                    print("\n".join(rows), flush=True)
+                    paired = interleaved(server.url, base.url, a.tokens, 32)
         print(f"\n16 concurrent ÷ 16 one by one: {ours['16'] / ours['16 one by one']:.2f}x")
         if a.baseline:
-            print(f"concurrency 1, this checkout ÷ baseline: {ours['1'] / old['1']:.2f}x; "
-                  f"16 concurrent: {ours['16'] / old['16']:.2f}x")
+            print(f"16 concurrent, this checkout ÷ baseline: {ours['16'] / old['16']:.2f}x")
+            print(f"concurrency 1, 32 requests to each server taking turns (this checkout, "
+                  f"baseline, ...): {paired[0]:.1f} vs {paired[1]:.1f} tok/s = "
+                  f"{paired[0] / paired[1]:.2f}x")
         with Server(harness.ROOT, [*args, "--no-prefix-cache"], a.threads) as server:
             without = chat_ttfts(server.url, a.turns, a.reply_tokens)
         print(f"\n{a.turns}-turn chat, TTFT per turn (ms):\n\n| turn | prefix cache | "
