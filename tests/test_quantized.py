@@ -66,8 +66,13 @@ def test_native_step_multiplies_with_the_quantized_kernels(make_checkpoint):
     ids = list(range(3, 30))
     got = native_next_logits(q8, ids)
     step = q8._impls["native"]
-    assert isinstance(step.head, type(q8.model.quant["embed"].mm))  # a bound QuantWeight.mm
-    assert step.layers[0][0].__self__ is q8.model.model.layers[0].self_attn.quant["wqkv"]
+    plan = step._plan(1)
+    assert len(plan) == 1  # a quantized dense model's step is one C call (run_ops)
+    products = {op.ptrs[1] for op in plan[0].args[3] if op.kind == native.OP_MMQ}
+    layers = q8.model.model.layers
+    weights = [q8.model.quant["embed"]] + [w for layer in layers for w in (
+        *layer.self_attn.quant.values(), *layer.mlp.quant.values())]
+    assert products == {w.data.data_ptr() for w in weights}  # every product is an int8 kernel
     # the same weights as the eager step; only the int8 activations of the kernels differ
     assert cosine(got, native_next_logits(eager, ids)) >= 0.999
     # and the kernels equal their own torch arithmetic (an independent implementation)

@@ -5,6 +5,10 @@ At batch 1 a decode step of the 26M model is ~35 matrix-vector products (the mem
 costs ~5 ms more. ``NativeStep`` keeps the products in torch (MKL, threaded, written into
 preallocated buffers) and does everything between two products in one C call.
 
+A step is a plan of calls built once per batch size; runs of C calls in it (all of them for a
+quantized model, whose products are C too) go to ``run_ops`` as one array, so Python makes one
+call per run instead of one per op.
+
 ``kernels.c`` is compiled once per machine (cbuild.py) with the system C compiler (``$CC`` or
 ``cc``) into ``native/`` of minimind-core's cache (``$MINIMIND_CACHE``, default
 ``~/.cache/minimind-core``; ~0.4 s, no torch headers). Without a working compiler or cache folder, with
@@ -17,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +31,7 @@ import torch
 from . import cbuild
 from .cache import KVCache
 from .model import MLP, MiniMindForCausalLM
+from .quant import _ERRORS as MMQ_ERRORS
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -39,7 +45,28 @@ SIGNATURES = {
     "add_rms_norm": [_p, _p, _p, _p, _i, _i, _f],
     "silu_mul": [_p, _p, _i, _i],
     "attend": [_p, _p, _p, _p, _p, _p, _p, _f, _p, _p, _i, _i, _i, _i, _i, _i, _i, _p],
+    "run_ops": [_p, _i, _p],
 }
+OP_NORM, OP_SILU, OP_ATTEND, OP_MMQ = range(4)  # kernels.c's OP_* kinds
+
+
+class _Op(ctypes.Structure):
+    """kernels.c's ``op_t``: one call for ``run_ops``."""
+
+    _fields_ = [("kind", ctypes.c_int64), ("fn", ctypes.c_void_p), ("p", ctypes.c_void_p * 10),
+                ("n", ctypes.c_int64 * 10), ("f", ctypes.c_float)]
+
+
+@dataclass(frozen=True)
+class COp:
+    """A C call of a step's plan: its kind, pointer and integer arguments in the function's
+    order, its float (eps), and for a product the address of qkernels.c's ``mmq_matmul``."""
+
+    kind: int
+    ptrs: tuple[int | None, ...]
+    ints: tuple[int, ...]
+    f: float = 0.0
+    fn: int | None = None
 
 
 def library() -> ctypes.CDLL | None:
@@ -52,7 +79,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def _build() -> ctypes.CDLL | None:
-    lib = cbuild.build(SOURCE, [()], purpose="CPU decode uses plain torch ops",
+    lib = cbuild.build(SOURCE, [("-ffp-contract=off",)], purpose="CPU decode uses plain torch ops",
                        timeout=COMPILE_TIMEOUT)
     if lib is None:
         return None
@@ -62,7 +89,7 @@ def _build() -> ctypes.CDLL | None:
     except AttributeError as e:  # a .so without our functions
         log.warning("native CPU kernels unavailable (%s); CPU decode uses plain torch ops", e)
         return None
-    lib.attend.restype = _i
+    lib.attend.restype = lib.run_ops.restype = _i
     return lib
 
 
@@ -74,19 +101,58 @@ def supported(model: MiniMindForCausalLM, device: torch.device, dtype: torch.dty
 
 
 def _mm(weight: torch.Tensor, quant=None):
-    """``bind(x, out)`` -> a call without arguments computing out = x @ weight^T into the
-    preallocated ``out``: torch's matmul (MKL) for a float weight, the int8/int4 kernels
-    (``quant.QuantWeight.bind``) for a quantized one."""
+    """``bind(x, out)`` -> out = x @ weight^T into the preallocated ``out``: a call of torch's
+    matmul (MKL) for a float weight; for a quantized one a ``COp`` of the int8/int4 kernel, or
+    its torch arithmetic when the kernels are not built (``quant.QuantWeight.bind``)."""
     if quant is not None:
-        return quant.bind
+        def bind(x: torch.Tensor, out: torch.Tensor):
+            args = quant.kernel_args(x, out)
+            if args is None:
+                return quant.bind(x, out)
+            fn, ptrs, ints = args
+            return COp(OP_MMQ, ptrs, ints, fn=fn)
+        return bind
     wt = weight.t()
     return lambda x, out: partial(torch.mm, x, wt, out=out)
 
 
-def _checked(attend) -> None:
-    if attend():
+def _run_ops(lib: ctypes.CDLL, ops: ctypes.Array, kinds: list[int], keep: list) -> None:
+    """One ``run_ops`` call; its failure as the error the op's own wrapper raises."""
+    status = ctypes.c_int(0)
+    failed = lib.run_ops(ops, len(kinds), ctypes.byref(status))
+    if not failed:
+        return
+    if kinds[failed - 1] == OP_ATTEND:
         raise ValueError("native attention refused its arguments (a slot or position outside "
                          "the cache or the RoPE table, or the head size)")
+    raise RuntimeError(f"qkernels.c mmq_matmul: {MMQ_ERRORS.get(status.value, status.value)}")
+
+
+def _link(lib: ctypes.CDLL, plan: list) -> list:
+    """The plan with each run of consecutive ``COp``s packed into one ``run_ops`` call."""
+    out, run = [], []
+
+    def flush() -> None:
+        if not run:
+            return
+        ops = (_Op * len(run))()
+        for op, c in zip(ops, run):
+            op.kind, op.fn, op.f = c.kind, c.fn, c.f
+            for k, v in enumerate(c.ptrs):
+                op.p[k] = v
+            for k, v in enumerate(c.ints):
+                op.n[k] = v
+        out.append(partial(_run_ops, lib, ops, [c.kind for c in run], list(run)))
+        run.clear()
+
+    for item in plan:
+        if isinstance(item, COp):
+            run.append(item)
+        else:
+            flush()
+            out.append(item)
+    flush()
+    return out
 
 
 def _moe(moe, xn: torch.Tensor, delta: torch.Tensor) -> None:
@@ -163,24 +229,28 @@ class NativeStep:
         x, xn, delta = self.x[:b], self.xn[:b], self.delta[:b]
         qkv, att, h13, act = self.qkv[:b], self.att[:b], self.h13[:b], self.act[:b]
         xp, xnp, dp = x.data_ptr(), xn.data_ptr(), delta.data_ptr()
-        plan = [partial(lib.add_rms_norm, xp, None, xnp, self.first_norm, b, n, eps)]
+
+        def norm(delta_ptr, weight_ptr) -> COp:
+            return COp(OP_NORM, (xp, delta_ptr, xnp, weight_ptr), (b, n), eps)
+
+        plan: list = [norm(None, self.first_norm)]
         for (wqkv, (kc, vc), wo, post_norm, w13, down, qk_w), next_norm in zip(self.layers,
                                                                             self.norms):
-            attend = partial(lib.attend, qkv.data_ptr(), att.data_ptr(), kc, vc,
-                             self.cos.data_ptr(), self.sin.data_ptr(),
-                             qk_w.data_ptr() if qk_w is not None else None, eps,
-                             self.slots.data_ptr(), self.positions.data_ptr(), b, h, kv, d,
-                             cache.max_len + 1, cache.slots, self.cos.shape[0],
-                             self.scores.data_ptr())
-            plan += [wqkv(xn, qkv), partial(_checked, attend), wo(att, delta),
-                     partial(lib.add_rms_norm, xp, dp, xnp, post_norm, b, n, eps)]
+            attend = COp(OP_ATTEND, (qkv.data_ptr(), att.data_ptr(), kc, vc, self.cos.data_ptr(),
+                                     self.sin.data_ptr(),
+                                     qk_w.data_ptr() if qk_w is not None else None,
+                                     self.slots.data_ptr(), self.positions.data_ptr(),
+                                     self.scores.data_ptr()),
+                         (b, h, kv, d, cache.max_len + 1, cache.slots, self.cos.shape[0]), eps)
+            plan += [wqkv(xn, qkv), attend, wo(att, delta), norm(dp, post_norm)]
             if w13 is not None:
-                plan += [w13(xn, h13), partial(lib.silu_mul, act.data_ptr(), h13.data_ptr(), b,
-                                               act.shape[1]), down(act, delta)]
+                plan += [w13(xn, h13), COp(OP_SILU, (act.data_ptr(), h13.data_ptr()),
+                                           (b, act.shape[1])), down(act, delta)]
             else:  # MoE: routing and experts stay in torch
                 plan.append(partial(_moe, down, xn, delta))
-            plan.append(partial(lib.add_rms_norm, xp, dp, xnp, next_norm, b, n, eps))
+            plan.append(norm(dp, next_norm))
         plan.append(self.head(xn, self.logits[:b]))
+        plan = _link(lib, plan)
         self._plans[b] = plan
         return plan
 

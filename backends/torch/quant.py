@@ -197,6 +197,20 @@ class QuantWeight:
                 i(self.out_features), p(out.data_ptr()), i(n), i(_PATH_ID[path]))
         return partial(_call, _untyped, args, (x, out, self), out)
 
+    def kernel_args(self, x: torch.Tensor, out: torch.Tensor, *, threads: int | None = None,
+                    path: str | None = None) -> tuple[int, tuple, tuple] | None:
+        """``mm(x, out)`` as (address of mmq_matmul, its pointer arguments, its integer
+        arguments), checked once, for a caller that runs it from C (the native step's
+        ``run_ops``); None when the torch path runs here. Keep x and out alive."""
+        self._check(x, out)
+        path, n = _resolve_path(path), _resolve_threads(threads)
+        if path == "torch":
+            return None
+        fn = ctypes.cast(library().mmq_matmul, ctypes.c_void_p).value
+        return (fn, (x.data_ptr(), self.data.data_ptr(), self.scales.data_ptr(), out.data_ptr()),
+                (x.shape[0], self.in_features, self.bits, self.group_size, self.out_features, n,
+                 _PATH_ID[path]))
+
     def _check(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """One clear error unless x [B, in] and out [B, out] are float32, contiguous, CPU."""
         f32 = torch.float32
