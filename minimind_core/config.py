@@ -293,12 +293,19 @@ def config_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
     width = data.get("moe_intermediate_size") if moe else data.get("intermediate_size")
     if width is not None:
         out["intermediate_size"] = width
+    scaling = data.get("rope_scaling")
+    params = data.get("rope_parameters")
+    if isinstance(params, Mapping):  # transformers 5 writes theta and YaRN here instead
+        if out.get("rope_theta") is None and params.get("rope_theta") is not None:
+            out["rope_theta"] = params["rope_theta"]
+        if not isinstance(scaling, Mapping):
+            scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     for key, value in out.items():
         check_field(key, value)
-    scaling = data.get("rope_scaling")
     if isinstance(scaling, Mapping) and scaling.get("type", scaling.get("rope_type")) == "yarn":
         # upstream writes rope_scaling only when inference_rope_scaling is on
-        out["rope_scaling"] = {**YARN_DEFAULTS, **scaling}
+        given = {k: v for k, v in scaling.items() if v is not None}  # transformers: null = default
+        out["rope_scaling"] = {**YARN_DEFAULTS, **given}
         check_yarn(out["rope_scaling"])
         out.setdefault("inference_rope_scaling", True)
     else:

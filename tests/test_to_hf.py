@@ -154,3 +154,23 @@ def test_outputs_have_ordinary_permissions(make_checkpoint, tmp_path):
         assert stat.S_IMODE(out.stat().st_mode) == 0o644
     finally:
         os.umask(mask)
+
+
+@pytest.mark.parametrize("yarn", [False, True])
+def test_folder_saved_by_transformers_5_reads_its_rope_parameters(yarn, make_checkpoint,
+                                                                  tmp_path):
+    """transformers 5 saves theta (and YaRN) only under ``rope_parameters``; a folder it saved
+    gives the logits transformers computes from it (the oracle), not the default theta's."""
+    path, _, _ = make_checkpoint("minimind3")
+    ids = list(range(3, 300, 5))
+    overrides = {"rope_theta": 5000.0, **({"inference_rope_scaling": True} if yarn else {})}
+    dst = to_hf.convert(path, tmp_path / "hf", overrides=overrides, progress=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "resaved")
+    (tmp_path / "resaved" / "tokenizer.json").write_bytes((dst / "tokenizer.json").read_bytes())
+    saved = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    if "rope_theta" in saved:
+        pytest.skip("this transformers writes rope_theta at the top level")
+    assert saved["rope_parameters"]["rope_theta"] == 5000.0
+    want = hf_logits(tmp_path / "resaved", ids)[1]
+    np.testing.assert_allclose(torch_logits(tmp_path / "resaved", ids), want, atol=1e-4)
