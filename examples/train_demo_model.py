@@ -1,6 +1,11 @@
 """Train the embedded demo model that ships in ``minimind_core/demo/``.
 
     python examples/train_demo_model.py            # about 10 minutes on a 2-core CPU
+    python examples/train_demo_model.py --generation minimind2   # tests/data/minimind2-tiny/
+
+``--generation minimind2`` trains the same model on the same corpus in MiniMind2's format (no
+q/k norm, its FFN width rule and RMSNorm eps) into ``tests/data/minimind2-tiny/``: a trained
+MiniMind2-format test artifact (the quantization quality tests need trained weights of both).
 
 Reproducible: the corpus comes from ``demo_corpus.py`` beside this script (fixed seeds), the tokenizer
 and the model are trained with fixed seeds, and torch runs deterministic kernels on one thread
@@ -14,7 +19,7 @@ to wait for a busy core slows every step several times over. Steps:
 2. train a byte-level BPE tokenizer (``tokenizers``) with MiniMind's special tokens
    ``<|endoftext|>``=0, ``<|im_start|>``=1, ``<|im_end|>``=2 and a ChatML chat template; digits
    are split one by one (as Qwen's tokenizer does) so sums can be learned digit by digit;
-3. train a small MiniMind-3 model with this project's own torch model code
+3. train a small MiniMind-3 (or MiniMind2) model with this project's own torch model code
    (``backends.torch.model.MiniMindForCausalLM``), loss on the assistant tokens only;
 4. write ``model.safetensors`` (upstream key names, fp16, no ``lm_head.weight``: it is tied),
    ``config.json``, ``tokenizer.json`` and ``tokenizer_config.json``, then load the folder back
@@ -40,9 +45,17 @@ sys.path.insert(0, str(ROOT))
 
 import demo_corpus as C  # noqa: E402  (beside this script)
 
+from minimind_core.config import MINIMIND2, MINIMIND3  # noqa: E402
 from minimind_core.demo import DEMO_DESCRIPTION  # noqa: E402
 
-DEFAULT_OUT = ROOT / "minimind_core" / "demo"
+# where each generation's model goes without --out: the demo, or the MiniMind2 test artifact
+DEFAULT_OUT = {MINIMIND3: ROOT / "minimind_core" / "demo",
+               MINIMIND2: ROOT / "tests" / "data" / "minimind2-tiny"}
+MINIMIND2_DESCRIPTION = (
+    "A tiny MiniMind2-format test model (tests/data/minimind2-tiny): the embedded demo's corpus "
+    "and settings trained by examples/train_demo_model.py --generation minimind2 --threads 1. "
+    "It is a test artifact (trained weights for the quantization quality tests), not a real "
+    "MiniMind model.")
 # Qwen2's pre-tokenizer pattern: words, single digits, punctuation runs, newlines, spaces.
 SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -50,7 +63,11 @@ SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder to write the model to")
+    p.add_argument("--generation", choices=tuple(DEFAULT_OUT), default=MINIMIND3,
+                   help="model format: minimind3 (the demo) or minimind2 (a test artifact)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder to write the model to (default: minimind_core/demo for "
+                        "minimind3, tests/data/minimind2-tiny for minimind2)")
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--hidden-size", type=int, default=96)
     p.add_argument("--layers", type=int, default=3)
@@ -67,7 +84,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--max-positions", type=int, default=2048,
                    help="max_position_embeddings written to config.json")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.out is None:
+        args.out = DEFAULT_OUT[args.generation]
+    return args
 
 
 # -- tokenizer -------------------------------------------------------------------------------
@@ -175,13 +195,15 @@ def build_model(args, vocab_size: int):
     import torch
 
     from backends.torch.model import MiniMindForCausalLM
-    from minimind_core.config import MINIMIND3, ModelConfig
+    from minimind_core.config import ModelConfig
 
     cfg = ModelConfig.for_generation(
-        MINIMIND3, args.hidden_size, args.layers, num_attention_heads=args.heads,
+        args.generation, args.hidden_size, args.layers, num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads, head_dim=args.hidden_size // args.heads,
         vocab_size=vocab_size, max_position_embeddings=args.max_positions)
     model = MiniMindForCausalLM(cfg)
+    # the RoPE tables are built by the engine at load; a bare model has empty ones until then
+    model.build_rope("cpu", torch.float32)
     # GPT-2 style init: small normal weights, residual outputs scaled down by depth.
     for name, p in model.named_parameters():
         if p.ndim == 2:
@@ -273,7 +295,7 @@ def write_model(args, model, cfg, tok, out: Path, stats: dict) -> None:
         "model_type": "minimind",
         "generation": cfg.generation,
         "demo": True,
-        "description": DEMO_DESCRIPTION,
+        "description": DEMO_DESCRIPTION if cfg.generation == MINIMIND3 else MINIMIND2_DESCRIPTION,
         "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_hidden_layers,
         "num_attention_heads": cfg.num_attention_heads,

@@ -2,11 +2,13 @@
 
 Every linear weight (the fused q/k/v and gate/up, o_proj, down_proj, the MoE router and experts)
 and the token embedding (the tied head) are quantized per group of ``q_group_size`` inputs with
-``quant.quantize_weight`` (llama.cpp's q8_0 / q4_0 arithmetic), as the MLX backend quantizes every
-Linear and Embedding. Two views of the result are kept: the packed ``QuantWeight`` on the module
-(``module.quant``), which the native CPU decode step multiplies with the int8 kernels, and the
-float weight overwritten by its dequantized values, which prefill and the eager/compiled steps use
-— so every path computes with the same quantized weights.
+``quant.quantize_weight`` (llama.cpp's q8_0 / q4_0 arithmetic; 4 bits with searched scales, which
+keep the float32 logits closer on every model measured: benchmarks/bench_quant_quality.py), as
+the MLX backend quantizes every Linear and Embedding. Two views of the result are kept: the
+packed ``QuantWeight`` on the module (``module.quant``), which the native CPU decode step
+multiplies with the int8 kernels, and the float weight overwritten by its dequantized values,
+which prefill and the eager/compiled steps use — so every path computes with the same quantized
+weights.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def check_quantization(bits: int | None, group_size: int | None) -> tuple[int, i
 
 @torch.no_grad()
 def _quantize(weight: torch.Tensor, bits: int, group_size: int) -> QuantWeight:
-    q = quantize_weight(weight.detach().float().cpu().contiguous(), bits, group_size)
+    q = quantize_weight(weight.detach().float().cpu().contiguous(), bits, group_size,
+                        scale_search=bits == 4)
     weight.copy_(q.dequantize().to(device=weight.device, dtype=weight.dtype))
     return q
 
@@ -52,4 +55,5 @@ def quantize_model(model: MiniMindForCausalLM, bits: int, group_size: int) -> di
         if isinstance(mlp, MoE):
             mlp.quant = {"gate": _quantize(mlp.gate.weight, bits, group_size)}
     model.quant = {"embed": _quantize(model.model.embed_tokens.weight, bits, group_size)}
-    return {"bits": bits, "group_size": group_size, "kind": f"q{bits}_0-style, per group"}
+    kind = "q8_0-style, per group" if bits == 8 else "q4_0-style, per group, searched scales"
+    return {"bits": bits, "group_size": group_size, "kind": kind}
