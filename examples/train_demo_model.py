@@ -202,8 +202,6 @@ def build_model(args, vocab_size: int):
         num_key_value_heads=args.kv_heads, head_dim=args.hidden_size // args.heads,
         vocab_size=vocab_size, max_position_embeddings=args.max_positions)
     model = MiniMindForCausalLM(cfg)
-    # the RoPE tables are built by the engine at load; a bare model has empty ones until then
-    model.build_rope("cpu", torch.float32)
     # GPT-2 style init: small normal weights, residual outputs scaled down by depth.
     for name, p in model.named_parameters():
         if p.ndim == 2:

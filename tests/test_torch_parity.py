@@ -121,6 +121,21 @@ def test_logits_and_greedy_tokens_match_reference(kind, make_checkpoint):
     assert ours_tokens == ref_tokens
 
 
+def test_a_bare_model_builds_its_rope_tables(make_checkpoint):
+    """The torch module used on its own (training, as examples/train_demo_model.py does) builds
+    its RoPE tables at the first forward: the reference's logits, not "past the window of 0"."""
+    from backends.torch.model import MiniMindForCausalLM
+
+    _, config, weights = make_checkpoint("minimind3")
+    model = MiniMindForCausalLM(config)
+    state = {k: torch.from_numpy(v.copy()) for k, v in weights.items()}
+    model.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        ours = model(torch.tensor([PROMPT]))[0].numpy()
+        want = hf_model(config, weights)(torch.tensor([PROMPT])).logits[0].numpy()
+    assert np.abs(ours - want).max() <= 1e-4
+
+
 def engine_params(n):
     from minimind_core.params import SamplingParams
 

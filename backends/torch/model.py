@@ -268,7 +268,8 @@ class MiniMindForCausalLM(nn.Module):
         self.rope_sin = torch.from_numpy(sin).to(device=device, dtype=dtype)
 
     def _tables(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.rope_cos.device != x.device or self.rope_cos.dtype != x.dtype:
+        cos = self.rope_cos
+        if not cos.numel() or cos.device != x.device or cos.dtype != x.dtype:
             self.build_rope(x.device, x.dtype)  # once per device/dtype, at the first call
         return self.rope_cos, self.rope_sin
 
