@@ -28,7 +28,8 @@ class Slots:
         self.slots, self.max_len = slots, max_len
         self.lengths = np.zeros(slots, dtype=np.int64)
         self.used = np.zeros(slots, dtype=bool)
-        self.cached: OrderedDict[int, tuple[int, ...]] = OrderedDict()  # slot -> ids, LRU first
+        # slot -> the ids its keys hold (int64 array: one compare per slot), LRU first
+        self.cached: OrderedDict[int, np.ndarray] = OrderedDict()
 
     nbytes = 0  # a cache with storage says how much (the scheduler sizes its prefix cache by it)
 
@@ -56,7 +57,7 @@ class Slots:
         self.used[slot] = False
         self.cached.pop(slot, None)
         if keep and max_cached > 0:
-            self.cached[slot] = tuple(keep)
+            self.cached[slot] = np.asarray(keep, dtype=np.int64)
             self.lengths[slot] = len(keep)
             while len(self.cached) > max_cached:
                 old, _ = self.cached.popitem(last=False)
@@ -67,8 +68,9 @@ class Slots:
     def match(self, ids: Sequence[int]) -> tuple[int | None, int]:
         """The cached slot sharing the longest prefix with ``ids``, and that prefix's length."""
         best, best_n = None, 0
+        query = np.asarray(ids, dtype=np.int64)
         for slot, cached in self.cached.items():
-            n = _common_prefix(cached, ids)
+            n = _common_prefix(cached, query)
             if n > best_n:
                 best, best_n = slot, n
         return best, best_n
@@ -86,8 +88,7 @@ class Slots:
                             f"{tokens} more do not fit")
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     n = min(len(a), len(b))
-    x, y = np.asarray(a[:n]), np.asarray(b[:n])
-    diff = np.flatnonzero(x != y)
+    diff = np.flatnonzero(a[:n] != b[:n])
     return int(diff[0]) if len(diff) else n

@@ -228,6 +228,8 @@ class Scheduler:
         return int(min(self.extra_slots, self.prefix_cache_mb * 2**20 // per_slot))
 
     def _admit(self, loop: TokenLoop) -> None:
+        if not self._waiting:  # the common case between two steps: no lock taken
+            return
         while True:
             with self._cond:
                 if not self._waiting:
