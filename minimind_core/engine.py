@@ -100,7 +100,7 @@ class TokenLoop:
         self.rows.append(row)
         if self.chunk is None:
             try:
-                self._prefill(row, len(row.todo))
+                self._prefill_rows([(row, len(row.todo))])
             except BaseException:
                 self.remove(row)
                 raise
@@ -125,9 +125,6 @@ class TokenLoop:
     def _grow(self, length: int) -> None:
         if length > self.cache.max_len:
             self.cache = self.engine._grow_cache(self.cache, length)
-
-    def _prefill(self, row: Row, n: int) -> None:
-        self._prefill_rows([(row, n)])
 
     def _prefill_rows(self, due: list[tuple[Row, int]]) -> None:
         """Prefill the next ``n`` prompt ids of each row, every row in one backend call."""

@@ -214,7 +214,7 @@ def test_native_step_multiplies_with_the_quantized_kernels(make_checkpoint):
     step = q8._impls["native"]
     plan = step._plan(1)
     assert len(plan) == 1  # a quantized dense model's step is one C call (run_ops)
-    products = {op.ptrs[1] for op in plan[0].args[3] if op.kind == native.OP_MMQ}
+    products = {op.ptrs[1] for op in plan[0].args[2] if op.kind == native.OP_MMQ}
     layers = q8.model.model.layers
     weights = [q8.model.quant["embed"]] + [w for layer in layers for w in (
         *layer.self_attn.quant.values(), *layer.mlp.quant.values())]

@@ -31,7 +31,7 @@ import torch
 from . import cbuild
 from .cache import KVCache
 from .model import MLP, MiniMindForCausalLM
-from .quant import _ERRORS as MMQ_ERRORS
+from .quant import MMQ_ERRORS
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -116,13 +116,14 @@ def _mm(weight: torch.Tensor, quant=None):
     return lambda x, out: partial(torch.mm, x, wt, out=out)
 
 
-def _run_ops(lib: ctypes.CDLL, ops: ctypes.Array, kinds: list[int], keep: list) -> None:
-    """One ``run_ops`` call; its failure as the error the op's own wrapper raises."""
+def _run_ops(lib: ctypes.CDLL, ops: ctypes.Array, calls: list[COp]) -> None:
+    """One ``run_ops`` call of ``ops``, the packed ``calls`` (kept to read back what runs);
+    a failure raised as the error of the op's own kind."""
     status = ctypes.c_int(0)
-    failed = lib.run_ops(ops, len(kinds), ctypes.byref(status))
+    failed = lib.run_ops(ops, len(calls), ctypes.byref(status))
     if not failed:
         return
-    if kinds[failed - 1] == OP_ATTEND:
+    if calls[failed - 1].kind == OP_ATTEND:
         raise ValueError("native attention refused its arguments (a slot or position outside "
                          "the cache or the RoPE table, or the head size)")
     raise RuntimeError(f"qkernels.c mmq_matmul: {MMQ_ERRORS.get(status.value, status.value)}")
@@ -142,7 +143,7 @@ def _link(lib: ctypes.CDLL, plan: list) -> list:
                 op.p[k] = v
             for k, v in enumerate(c.ints):
                 op.n[k] = v
-        out.append(partial(_run_ops, lib, ops, [c.kind for c in run], list(run)))
+        out.append(partial(_run_ops, lib, ops, list(run)))
         run.clear()
 
     for item in plan:

@@ -41,7 +41,12 @@ _PATH_ID = {"portable": 0, "avx2": 1, "avx512vnni": 2}
 VARIANTS = (("-ffp-contract=off", "-fopenmp"),
             ("-ffp-contract=off", "-pthread", "-DMMQ_PTHREADS"),
             ("-ffp-contract=off",))
-_ERRORS = {-1: "bad arguments", -2: "kernel path not supported by this CPU", -3: "out of memory"}
+MMQ_ERRORS = {-1: "bad arguments", -2: "kernel path not supported by this CPU",
+              -3: "out of memory"}
+# mmq_matmul(x, batch, in, w, s, bits, group, rows, y, threads, path)
+MMQ_ARGTYPES = (ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                ctypes.c_int)
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
 _paths: list[str] = ["torch"]  # what runs here, set with _lib
 _untyped = None  # mmq_matmul without argtypes: the cheapest call with prebuilt ctypes values
@@ -59,11 +64,10 @@ def library() -> ctypes.CDLL | None:
             mask = 0
             if lib is not None:
                 lib.mmq_paths.restype = lib.mmq_threading.restype = ctypes.c_int
-                p, i = ctypes.c_void_p, ctypes.c_int
-                lib.mmq_matmul.argtypes = [p, i, i, p, p, i, i, i, p, i, i]
-                lib.mmq_matmul.restype = i
+                lib.mmq_matmul.argtypes = list(MMQ_ARGTYPES)
+                lib.mmq_matmul.restype = ctypes.c_int
                 _untyped = lib["mmq_matmul"]  # for bind(): ctypes arguments, converted once
-                _untyped.restype = i
+                _untyped.restype = ctypes.c_int
                 mask = lib.mmq_paths()
             _paths = [p for p in PATHS if mask >> _PATH_ID[p] & 1] + ["torch"]
             _lib = lib or False
@@ -113,7 +117,7 @@ def _call(fn, args: tuple, keep: tuple, out: torch.Tensor) -> torch.Tensor:
     """One bound mmq_matmul call; ``keep`` holds the tensors whose pointers ``args`` carries."""
     rc = fn(*args)
     if rc:
-        raise RuntimeError(f"qkernels.c mmq_matmul: {_ERRORS.get(rc, rc)}")
+        raise RuntimeError(f"qkernels.c mmq_matmul: {MMQ_ERRORS.get(rc, rc)}")
     return out
 
 
@@ -177,42 +181,45 @@ class QuantWeight:
         if out is None:
             rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else 1
             out = torch.empty(rows, self.out_features)
-        self._check(x, out)
-        path, n = _resolve_path(path), _resolve_threads(threads)
-        if path == "torch":
+        args = self._kernel_call(x, out, threads, path)
+        if args is None:
             return self._mm_torch(x, out)
-        return _call(library().mmq_matmul, (x.data_ptr(), x.shape[0], self.in_features,
-                                            self.data.data_ptr(), self.scales.data_ptr(),
-                                            self.bits, self.group_size, self.out_features,
-                                            out.data_ptr(), n, _PATH_ID[path]), (), out)
+        return _call(library().mmq_matmul, args, (), out)
 
     def bind(self, x: torch.Tensor, out: torch.Tensor, *, threads: int | None = None,
              path: str | None = None) -> Callable[[], torch.Tensor]:
         """``mm(x, out)`` checked once, as a call without arguments (a decode step's buffers
         are fixed): each call reads ``x`` and rewrites ``out``. Keep x and out alive."""
-        self._check(x, out)
-        path, n = _resolve_path(path), _resolve_threads(threads)
-        if path == "torch":
+        args = self._kernel_call(x, out, threads, path)
+        if args is None:
             return partial(self._mm_torch, x, out)
-        p, i = ctypes.c_void_p, ctypes.c_int
-        args = (p(x.data_ptr()), i(x.shape[0]), i(self.in_features), p(self.data.data_ptr()),
-                p(self.scales.data_ptr()), i(self.bits), i(self.group_size),
-                i(self.out_features), p(out.data_ptr()), i(n), i(_PATH_ID[path]))
-        return partial(_call, _untyped, args, (x, out, self), out)
+        typed = tuple(t(v) for t, v in zip(MMQ_ARGTYPES, args))
+        return partial(_call, _untyped, typed, (x, out, self), out)
 
     def kernel_args(self, x: torch.Tensor, out: torch.Tensor, *, threads: int | None = None,
                     path: str | None = None) -> tuple[int, tuple, tuple] | None:
         """``mm(x, out)`` as (address of mmq_matmul, its pointer arguments, its integer
         arguments), checked once, for a caller that runs it from C (the native step's
         ``run_ops``); None when the torch path runs here. Keep x and out alive."""
+        args = self._kernel_call(x, out, threads, path)
+        if args is None:
+            return None
+        fn = ctypes.cast(library().mmq_matmul, ctypes.c_void_p).value
+        pointer = [t is ctypes.c_void_p for t in MMQ_ARGTYPES]
+        return (fn, tuple(v for v, is_p in zip(args, pointer) if is_p),
+                tuple(v for v, is_p in zip(args, pointer) if not is_p))
+
+    def _kernel_call(self, x: torch.Tensor, out: torch.Tensor, threads: int | None,
+                     path: str | None) -> tuple[int, ...] | None:
+        """mmq_matmul's arguments for x -> out (checked), in its order; None for the torch
+        path."""
         self._check(x, out)
         path, n = _resolve_path(path), _resolve_threads(threads)
         if path == "torch":
             return None
-        fn = ctypes.cast(library().mmq_matmul, ctypes.c_void_p).value
-        return (fn, (x.data_ptr(), self.data.data_ptr(), self.scales.data_ptr(), out.data_ptr()),
-                (x.shape[0], self.in_features, self.bits, self.group_size, self.out_features, n,
-                 _PATH_ID[path]))
+        return (x.data_ptr(), x.shape[0], self.in_features, self.data.data_ptr(),
+                self.scales.data_ptr(), self.bits, self.group_size, self.out_features,
+                out.data_ptr(), n, _PATH_ID[path])
 
     def _check(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """One clear error unless x [B, in] and out [B, out] are float32, contiguous, CPU."""
