@@ -158,6 +158,12 @@ def stream(http, path: str, body: dict) -> Result:
     return res
 
 
+def request(i: int, tokens: int) -> dict:
+    """Client ``i``'s completion request: its own prompt (nothing shared with another's)."""
+    return {"model": MODEL_ID, "prompt": f"{i}: {PROMPT}", "max_tokens": tokens,
+            "temperature": 0}
+
+
 def run_clients(url: str, n: int, tokens: int, sequential: bool = False
                 ) -> tuple[float, list[Result]]:
     """``n`` requests (client ``i`` asks with prompt ``i``), all at once or one by one; the
@@ -167,8 +173,7 @@ def run_clients(url: str, n: int, tokens: int, sequential: bool = False
     clients = [httpx.Client(base_url=url, timeout=600) for _ in range(n)]
     for http in clients:
         http.get("/health")  # opens the connection the request will reuse
-    bodies = [{"model": MODEL_ID, "prompt": f"{i}: {PROMPT}", "max_tokens": tokens,
-               "temperature": 0} for i in range(n)]
+    bodies = [request(i, tokens) for i in range(n)]
     results: list[Result] = [Result() for _ in range(n)]
     gate = threading.Barrier(n + 1)
 
@@ -235,11 +240,9 @@ def interleaved(url_a: str, url_b: str, tokens: int, n: int, block: int = 8
         for first in range(0, n, block):
             for k, http in enumerate((ha, hb)):
                 for i in range(first, min(first + block, n)):
-                    body = {"model": MODEL_ID, "prompt": f"{i}: {PROMPT}", "max_tokens": tokens,
-                            "temperature": 0}
                     http.get("/health")
                     t = time.perf_counter()
-                    res = stream(http, "/v1/completions", body)
+                    res = stream(http, "/v1/completions", request(i, tokens))
                     spent[k] += time.perf_counter() - t
                     made[k] += res.tokens
     return made[0] / spent[0], made[1] / spent[1]
